@@ -1,0 +1,73 @@
+"""Tiny random-initialised models and an offline tokenizer for tests (no hub, runs in seconds on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
+    "def add(a, b):\n    return a + b\n",
+    "0 1 2 3 4 5 6 7 8 9 10 + - * / = #### answer question user assistant system",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory, with ChatML special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 300, **overrides):
+    """A 2-layer config of the given family, small enough for many forward passes per second on a CPU."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=2,
+        bos_token_id=1, eos_token_id=2,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    if family == "qwen3":
+        common.setdefault("head_dim", 16)
+    return cls(**common)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 300, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, vocab_size=vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def tiny_base(tmp_path, family: str = "llama", seed: int = 0):
+    """Save a tiny model + tokenizer as a local HF folder and return its path (a stand-in for a hub model)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer))
+    folder = tmp_path / f"tiny-{family}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
