@@ -93,3 +93,13 @@ def layout_position_ids(seq_len: int, device: torch.device | str = "cpu") -> tor
     """Positions 0..L-1 for the noisy copy, then 0..L-1 again for the clean copy: shape [1, 2L]."""
     pos = torch.arange(seq_len, device=device)
     return torch.cat([pos, pos])[None]
+
+
+def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode-time attention [1, 1, T, T]: every position sees its own block and all earlier blocks.
+
+    This is the clean copy's rule; with the last block being the one under denoising it is also the noisy copy's
+    view (own block bidirectional, earlier blocks clean), so one mask serves both at decode time.
+    """
+    idx = torch.arange(seq_len, device=device) // block_size
+    return (idx[None, :] <= idx[:, None])[None, None]

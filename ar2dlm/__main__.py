@@ -1,0 +1,5 @@
+import sys
+
+from ar2dlm.cli import main
+
+sys.exit(main())

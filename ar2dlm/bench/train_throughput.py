@@ -1,0 +1,134 @@
+"""Training throughput: a dLM conversion step vs a plain AR fine-tuning step of the same model, batch and length.
+
+Both steps are timed in alternation in one process (AR, dLM, AR, dLM, ...) so that machine noise hits both alike,
+and the ratio is printed with the raw numbers. The dLM step runs the 2L [noisy | clean] layout, so about twice the
+tokens pass through the network; the target is a ratio of at most 2.5.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.masking import MaskingConfig, noise_batch
+from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.loading import load_base
+from ar2dlm.training.loss import DiffusionObjective, scorable
+from ar2dlm.training.optim import build_optimizer
+from ar2dlm.utils.files import write_json
+
+# Dense bf16 peak FLOP/s of known accelerators, for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclass
+class BenchConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "base model (embedded name, folder, gguf, hub id)"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    block_size: int = field(default=4, metadata={"help": "dLM block size"})
+    steps: int = field(default=6, metadata={"help": "timed steps per method"})
+    warmup: int = field(default=2, metadata={"help": "untimed steps per method first"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.seq_len < 2 * self.block_size or self.steps < 1 or self.warmup < 0:
+            raise Ar2dlmError("need batch-size >= 1, seq-len >= 2 * block-size, steps >= 1, warmup >= 0")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    base, tokenizer = load_base(cfg.model, dtype=torch.float32)
+    ar_model = copy.deepcopy(base).to(device).train()
+    dlm = BlockDiffusionLM.from_base(base, tokenizer, block_size=cfg.block_size).to(device).train()
+    if device.type == "cuda":
+        dlm.set_attention_backend("flex")
+    if cfg.gradient_checkpointing:
+        for m in (ar_model, dlm.backbone):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    objective = DiffusionObjective(dlm)
+    ar_opt = build_optimizer(ar_model, 1e-6, 0.0)
+    dlm_opt = build_optimizer(objective, 1e-6, 0.0)
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer) - 1  # real tokens only (the dLM added the mask row)
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=gen)
+    maskable = scorable(torch.ones_like(ids, dtype=torch.bool), True)
+    masking = MaskingConfig(strategy="position")
+    ids_dev = ids.to(device)
+
+    def ar_step():
+        with autocast:
+            logits = ar_model(ids_dev).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids_dev[:, 1:].flatten())
+        loss.backward()
+        ar_opt.step()
+        ar_opt.zero_grad(set_to_none=True)
+
+    def dlm_step():
+        nb = noise_batch(ids, maskable, cfg.block_size, dlm.config.mask_token_id, masking, generator=gen)
+        with autocast:
+            ce, _ = objective(nb.noisy_ids.to(device), nb.clean_ids.to(device), nb.masked.to(device))
+            loss = ce / nb.masked.sum().clamp(min=1).to(device)
+        loss.backward()
+        dlm_opt.step()
+        dlm_opt.zero_grad(set_to_none=True)
+
+    times = {"ar": [], "dlm": []}
+    for i in range(cfg.warmup + cfg.steps):
+        for name, fn in (("ar", ar_step), ("dlm", dlm_step)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    tokens = cfg.batch_size * cfg.seq_len
+    n_params = _param_count(ar_model)
+    result = {"config": asdict(cfg), "device": str(device), "params": n_params}
+    for name in ("ar", "dlm"):
+        med = statistics.median(times[name])
+        result[name] = {"step_s": med, "tokens_per_s": tokens / med, "steps": times[name]}
+    result["dlm_over_ar_step_time"] = result["dlm"]["step_s"] / result["ar"]["step_s"]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        result["gpu"] = name
+        for key, passes in (("ar", 1), ("dlm", 2)):  # the dLM runs 2L positions per sequence
+            flops = 6 * n_params * tokens * passes / result[key]["step_s"]
+            result[key]["model_tflops"] = flops / 1e12
+            if peak:
+                result[key]["mfu"] = flops / peak
+
+    print(f"model {cfg.model} ({n_params / 1e6:.0f}M params) on {device}, batch {cfg.batch_size} x {cfg.seq_len} "
+          f"tokens, block {cfg.block_size}, median of {cfg.steps} steps")
+    print(f"{'':<22}{'step (s)':>10}{'tokens/s':>12}")
+    for key, label in (("ar", "AR fine-tuning"), ("dlm", "dLM conversion")):
+        extra = f"  MFU {result[key]['mfu']:.1%}" if "mfu" in result[key] else ""
+        print(f"{label:<22}{result[key]['step_s']:>10.3f}{result[key]['tokens_per_s']:>12.0f}{extra}")
+    verdict = "meets" if result["dlm_over_ar_step_time"] <= 2.5 else "misses"
+    print(f"dLM step / AR step = {result['dlm_over_ar_step_time']:.2f}x ({verdict} the <= 2.5x target)")
+    if cfg.json_out:
+        write_json(cfg.json_out, result)
+    return result

@@ -1,0 +1,85 @@
+"""The `ar2dlm` command line: one subcommand per job. User errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ar2dlm import __version__
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
+
+
+def _cmd_convert(args) -> int:
+    from ar2dlm.training.config import ConvertConfig
+    from ar2dlm.training.convert import convert
+
+    summary = convert(dataclass_from_args(ConvertConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
+        for s in summary.get("samples", []):
+            print(f"[guess|truth] {s['correct']}/{s['masked']} correct: {s['text']!r}")
+    return 0
+
+
+def _cmd_bench_train(args) -> int:
+    from ar2dlm.bench.train_throughput import BenchConfig, run_benchmark
+
+    run_benchmark(dataclass_from_args(BenchConfig, args))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line errors are the interface; silence the libraries' chatter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ar2dlm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ar2dlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from ar2dlm.training.config import ConvertConfig
+
+    p = sub.add_parser("convert", help="convert an AR model into a block-diffusion LM (continuous pretraining)")
+    add_dataclass_args(p, ConvertConfig)
+    p.set_defaults(func=_cmd_convert)
+
+    from ar2dlm.bench.train_throughput import BenchConfig
+
+    p = sub.add_parser("bench-train", help="training throughput: dLM loss vs plain AR fine-tuning, side by side")
+    add_dataclass_args(p, BenchConfig)
+    p.set_defaults(func=_cmd_bench_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except Ar2dlmError as e:
+        if args.verbose:
+            raise
+        print(f"ar2dlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ar2dlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Settings of a conversion run (`ar2dlm convert`). Every field is also a command-line option."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ar2dlm.errors import Ar2dlmError
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ConvertConfig:
+    # what to convert, where to write it
+    model: str = _opt("smollm2-135m", "base AR model: embedded name, local folder, .gguf file or hub id")
+    output: str = _opt("runs/convert", "output folder: final dLM, checkpoints, metrics, plots")
+    # the dLM
+    block_size: int = _opt(4, "diffusion block size B")
+    token_shift: bool = _opt(True, "logit at i predicts token i+1 (reuses the AR head)")
+    mask_token: str | None = _opt(None, "reuse this existing vocabulary token as mask (default: add a new row)")
+    # masking
+    masking: str = _opt("position", "noise schedule within a block", choices=["uniform", "position"])
+    half_life: float = _opt(0.5, "position-dependent masking half-life ratio h (lambda = ln2 / (h*B))")
+    mask_eps: float = _opt(1e-3, "smallest mask ratio drawn")
+    complementary: bool = _opt(False, "also train every sequence on the complement of its mask")
+    # data
+    data: str = _opt("self", "training data: 'self' (the base model writes it), a local file, or a hub dataset id")
+    seq_len: int = _opt(256, "tokens per training sequence")
+    max_records: int | None = _opt(None, "use at most this many data records")
+    heldout: int = _opt(64, "examples held out for masked-token accuracy")
+    self_samples: int = _opt(512, "records the base model writes for data=self")
+    self_max_new_tokens: int = _opt(192, "tokens per answer the base model writes for data=self")
+    # optimisation
+    lr: float = _opt(5e-5, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = _opt(20, "linear warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    batch_size: int = _opt(8, "sequences per micro-batch per process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_steps: int = _opt(200, "optimizer steps (the schedule's length)")
+    max_minutes: float | None = _opt(None, "stop (and save) after this many minutes of training")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")
+    # bookkeeping
+    seed: int = _opt(0, "random seed")
+    log_every: int = _opt(1, "steps between metric lines")
+    eval_every: int = _opt(0, "steps between held-out evaluations (0: only before and after)")
+    save_every: int = _opt(50, "steps between resumable checkpoints")
+    resume: bool = _opt(False, "continue from the checkpoint in the output folder")
+    device: str = _opt("auto", "cpu, cuda or auto")
+
+    def __post_init__(self):
+        checks = [
+            (self.block_size >= 1, "--block-size must be >= 1"),
+            (self.seq_len >= 2 * self.block_size, "--seq-len must be at least twice the block size"),
+            (0 < self.mask_eps < 1, "--mask-eps must be in (0, 1)"),
+            (self.half_life > 0, "--half-life must be > 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.lora_rank >= 0, "--lora-rank must be >= 0"),
+            (self.heldout >= 0, "--heldout must be >= 0"),
+            (self.save_every >= 1, "--save-every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be cpu, cuda or auto"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Ar2dlmError(message)

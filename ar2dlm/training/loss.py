@@ -1,0 +1,54 @@
+"""The conversion objective: cross-entropy of the dLM at masked positions, and held-out masked-token accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ar2dlm.model.dlm import BlockDiffusionLM
+
+
+class DiffusionObjective(nn.Module):
+    """Summed masked-token cross-entropy as a module, so DDP/FSDP can wrap the whole training forward.
+
+    Returns sums, not means: the trainer divides by the number of masked tokens in the *global* batch (all
+    micro-batches, all ranks), which makes the loss an exact per-token average however the batch is split.
+    """
+
+    def __init__(self, dlm: BlockDiffusionLM):
+        super().__init__()
+        self.dlm = dlm
+
+    def forward(self, noisy_ids, clean_ids, scored, lengths=None):
+        logits, targets = self.dlm.diffusion_logits(noisy_ids, clean_ids, scored, lengths)
+        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        return ce_sum, correct
+
+
+def scorable(maskable: torch.Tensor, token_shift: bool) -> torch.Tensor:
+    """Positions that can carry loss: with token shift nothing predicts position 0."""
+    if token_shift:
+        maskable = maskable.clone()
+        maskable[:, 0] = False
+    return maskable
+
+
+@torch.no_grad()
+def heldout_metrics(dlm: BlockDiffusionLM, batches, autocast) -> dict:
+    """Masked-token accuracy and loss on pre-noised held-out batches (the same masks before and after training)."""
+    was_training = dlm.training
+    dlm.eval()
+    objective = DiffusionObjective(dlm)
+    ce, correct, count = 0.0, 0, 0
+    for b in batches:
+        with autocast():
+            s, c = objective(b.noisy_ids, b.clean_ids, b.masked, b.lengths)
+        ce += s.item()
+        correct += c.item()
+        count += int(b.masked.sum())
+    dlm.train(was_training)
+    if count == 0:
+        return {"heldout_loss": float("nan"), "heldout_acc": float("nan"), "heldout_tokens": 0}
+    return {"heldout_loss": ce / count, "heldout_acc": correct / count, "heldout_tokens": count}

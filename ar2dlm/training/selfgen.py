@@ -1,0 +1,257 @@
+"""The data-free corpus `self`: the base AR model writes its own conversion-training data.
+
+Chat models (the tokenizer has a chat template) write both sides of a one-turn conversation: the model is started
+on the template's user-turn prefix (e.g. `<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n`) and writes a
+user message up to its end-of-turn token; that message is rendered with `add_generation_prompt=True` and the model
+answers it. Records are `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`. Other models are
+started on their BOS token (EOS when there is none) and records are `{"text": ...}`.
+
+Empty, short and degenerate (repetitive) outputs are filtered and counted. The corpus is written atomically as
+JSON lines to `cache_path`, with `<cache_path>.meta.json` beside it (model, settings, counts). A cache file that
+already holds at least `n_samples` records is reused as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.files import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+SENTINEL = "\u2063AR2DLM-USER-SENTINEL-7f3a\u2063"
+MIN_DISTINCT_TRIGRAM_FRACTION = 0.3
+MIN_DISTINCT_CHAR_8GRAM_FRACTION = 0.2
+
+
+def degenerate_reason(text: str, min_chars: int = 1) -> str | None:
+    """Why `text` is unfit as training data ("empty", "short", "repetitive"), or None if it is fine.
+
+    Repetitive: one word repeated (4+ words), one non-space character repeated (8+), fewer than 30% distinct word
+    3-grams (6+ words), or fewer than 20% distinct character 8-grams (40+ characters, whitespace collapsed).
+    """
+    s = text.strip()
+    if not s:
+        return "empty"
+    if len(s) < min_chars:
+        return "short"
+    words = s.split()
+    if len(words) >= 4 and len(set(words)) == 1:
+        return "repetitive"
+    chars = "".join(words)
+    if len(chars) >= 8 and len(set(chars)) == 1:
+        return "repetitive"
+    if len(words) >= 6:
+        grams = list(zip(words, words[1:], words[2:]))
+        if len(set(grams)) / len(grams) < MIN_DISTINCT_TRIGRAM_FRACTION:
+            return "repetitive"
+    flat = " ".join(words)
+    if len(flat) >= 40:
+        grams = [flat[i:i + 8] for i in range(len(flat) - 7)]
+        if len(set(grams)) / len(grams) < MIN_DISTINCT_CHAR_8GRAM_FRACTION:
+            return "repetitive"
+    return None
+
+
+def _special_strings(tokenizer) -> list[str]:
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            out.add(tok.content)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    if bos and bos != eos:
+        out.discard(bos)
+    return sorted((s for s in out if s), key=len, reverse=True)
+
+
+def user_turn_prefix(tokenizer) -> tuple[str, int | None]:
+    """The rendered text before a user message's content, and the id of the token that ends a user turn."""
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                                 add_generation_prompt=False)
+    except Exception as e:  # noqa: BLE001 - template errors
+        raise Ar2dlmError(f"the tokenizer's chat template cannot render a user turn ({e})") from None
+    at = rendered.find(SENTINEL)
+    if at < 0:
+        raise Ar2dlmError("the tokenizer's chat template does not reproduce the user message verbatim")
+    prefix, after = rendered[:at], rendered[at + len(SENTINEL):]
+    hits = [(after.find(s), s) for s in _special_strings(tokenizer)]
+    hits = [(p, s) for p, s in hits if p >= 0]
+    eot = None
+    if hits:
+        _, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+        eot = tokenizer.convert_tokens_to_ids(s)
+    return prefix, eot
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+
+
+def _sample(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_tokens: int, temperature: float,
+            top_p: float, seed: int) -> list[tuple[str, bool]]:
+    """Sample one continuation per prompt; return (decoded text, ended with a stop token)."""
+    with _left_padding(tokenizer):
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        pad_id = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), do_sample=True,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+        )
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    stops = set(stop_ids)
+    results = []
+    for row in new:
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        toks = row if cut is None else row[:cut]
+        results.append((tokenizer.decode(toks, skip_special_tokens=True), cut is not None))
+    return results
+
+
+def count_records(path: str | Path) -> int:
+    """Non-empty lines in a JSON-lines file (0 if it is missing)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def metadata_path(cache_path: str | Path) -> Path:
+    cache_path = Path(cache_path)
+    return cache_path.with_name(cache_path.name + ".meta.json")
+
+
+def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, cache_path: str | Path, seed: int,
+                         batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, min_chars: int = 8,
+                         max_rounds: int | None = None) -> Path:
+    """Write (or reuse) a self-generated corpus of `n_samples` records at `cache_path`; return the path.
+
+    Sampling is seeded (round r uses seed `seed + r`) and does not disturb the caller's RNG state. Generation stops
+    after `max_rounds` batches (default: enough for 4x `n_samples` attempts); if fewer records survived the filter
+    the corpus is written with what there is (a warning), and none at all is an Ar2dlmError.
+    """
+    from tqdm.auto import tqdm
+
+    cache_path = Path(cache_path)
+    if n_samples < 1:
+        raise Ar2dlmError(f"the self-generated corpus needs at least 1 sample, got {n_samples}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise Ar2dlmError("max_new_tokens and batch_size must be >= 1")
+    have = count_records(cache_path)
+    if have >= n_samples:
+        log.info("reusing self-generated corpus %s (%d records)", cache_path, have)
+        return cache_path
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    eos_id = tokenizer.eos_token_id
+    if chat:
+        prefix, eot = user_turn_prefix(tokenizer)
+        stop_ids = sorted({i for i in (eot, eos_id) if i is not None})
+    else:
+        start = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+        if start is None:
+            raise Ar2dlmError("the tokenizer has neither a BOS nor an EOS token to start generation from")
+        prefix = start
+        stop_ids = [eos_id] if eos_id is not None else []
+    if not stop_ids:
+        raise Ar2dlmError("the tokenizer has no end-of-turn or EOS token to stop generation at")
+
+    if max_rounds is None:
+        max_rounds = math.ceil(4 * n_samples / batch_size) + 1
+    was_training = model.training
+    model.eval()
+    records: list[dict] = []
+    filtered: Counter = Counter()
+    attempted = unfinished = 0
+    started = time.time()
+    bar = tqdm(total=n_samples, desc="self-corpus", unit="sample")
+    try:
+        for r in range(max_rounds):
+            if len(records) >= n_samples:
+                break
+            s = seed + r
+            first = _sample(model, tokenizer, [prefix] * batch_size, stop_ids, max_new_tokens, temperature, top_p, s)
+            attempted += batch_size
+            kept = []
+            for text, done in first:
+                reason = degenerate_reason(text, min_chars)
+                if reason:
+                    filtered[f"{'user' if chat else 'text'}_{reason}"] += 1
+                    continue
+                unfinished += not done
+                kept.append(text.strip())
+            if chat and kept:
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
+                                                         add_generation_prompt=True) for u in kept]
+                answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, temperature, top_p,
+                                  s + 7919 * (1 + max_rounds))
+                new = []
+                for u, (a, done) in zip(kept, answers):
+                    reason = degenerate_reason(a, min_chars)
+                    if reason:
+                        filtered[f"assistant_{reason}"] += 1
+                        continue
+                    unfinished += not done
+                    new.append({"messages": [{"role": "user", "content": u},
+                                             {"role": "assistant", "content": a.strip()}]})
+            else:
+                new = [{"text": t} for t in kept]
+            new = new[:n_samples - len(records)]
+            records += new
+            bar.update(len(new))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if not records:
+        raise Ar2dlmError(f"self-generated corpus: all {attempted} samples were empty or degenerate "
+                          f"({dict(filtered)}); try a larger max_new_tokens or a smaller min_chars")
+    if len(records) < n_samples:
+        log.warning("self-generated corpus: only %d of %d samples passed the filter after %d attempts",
+                    len(records), n_samples, attempted)
+    with atomic_write(cache_path) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    meta = {
+        "model": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "model_type": getattr(model.config, "model_type", None),
+        "format": "chat" if chat else "text",
+        "user_turn_prefix": prefix if chat else None,
+        "n_samples": n_samples,
+        "records": len(records),
+        "attempted": attempted,
+        "filtered": dict(filtered),
+        "unfinished": unfinished,  # kept, but hit max_new_tokens before an end-of-turn token
+        "settings": {"max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
+                     "temperature": temperature, "top_p": top_p, "min_chars": min_chars},
+        "seconds": round(time.time() - started, 2),
+    }
+    write_json(metadata_path(cache_path), meta)
+    log.info("self-generated corpus: %d records at %s (%d filtered)", len(records), cache_path,
+             sum(filtered.values()))
+    return cache_path
