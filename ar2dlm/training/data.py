@@ -322,6 +322,10 @@ def _chat_spans(tokenizer, messages: list[dict], where: str, specials: list[str]
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
+            # move past this turn's text, so that an answer quoted in the question is not mistaken for the answer
+            at = full.find(m["content"].strip(), cursor) if m["content"].strip() else -1
+            if at >= 0:
+                cursor = at + len(m["content"].strip())
             continue
         start = -1
         if i > 0:

@@ -29,6 +29,7 @@ from ar2dlm.utils.files import atomic_write, write_json
 log = logging.getLogger(__name__)
 
 SENTINEL = "\u2063AR2DLM-USER-SENTINEL-7f3a\u2063"
+ANSWER_SEED_OFFSET = 1_000_003  # answers of round r are sampled with seed + r + this
 MIN_DISTINCT_TRIGRAM_FRACTION = 0.3
 MIN_DISTINCT_CHAR_8GRAM_FRACTION = 0.2
 
@@ -151,7 +152,7 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
                          max_rounds: int | None = None) -> Path:
     """Write (or reuse) a self-generated corpus of `n_samples` records at `cache_path`; return the path.
 
-    Sampling is seeded (round r uses seed `seed + r`) and does not disturb the caller's RNG state. Generation stops
+    Sampling is seeded (round r samples user turns with `seed + r`) and does not disturb the caller's RNG state. Generation stops
     after `max_rounds` batches (default: enough for 4x `n_samples` attempts); if fewer records survived the filter
     the corpus is written with what there is (a warning), and none at all is an Ar2dlmError.
     """
@@ -203,24 +204,24 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
                 if reason:
                     filtered[f"{'user' if chat else 'text'}_{reason}"] += 1
                     continue
-                unfinished += not done
-                kept.append(text.strip())
+                kept.append((text.strip(), done))
             if chat and kept:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
-                                                         add_generation_prompt=True) for u in kept]
+                                                         add_generation_prompt=True) for u, _ in kept]
                 answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, temperature, top_p,
-                                  s + 7919 * (1 + max_rounds))
+                                  s + ANSWER_SEED_OFFSET)
                 new = []
-                for u, (a, done) in zip(kept, answers):
+                for (u, u_done), (a, done) in zip(kept, answers):
                     reason = degenerate_reason(a, min_chars)
                     if reason:
                         filtered[f"assistant_{reason}"] += 1
                         continue
-                    unfinished += not done
+                    unfinished += not (done and u_done)
                     new.append({"messages": [{"role": "user", "content": u},
                                              {"role": "assistant", "content": a.strip()}]})
             else:
-                new = [{"text": t} for t in kept]
+                new = [{"text": t} for t, _ in kept]
+                unfinished += sum(not d for _, d in kept[:n_samples - len(records)])
             new = new[:n_samples - len(records)]
             records += new
             bar.update(len(new))

@@ -1,0 +1,142 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.training.data import DataConfig, load_examples
+from ar2dlm.training.selfgen import degenerate_reason, generate_self_corpus, metadata_path, user_turn_prefix
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    t = copy.deepcopy(tiny_tokenizer())
+    t.chat_template = None
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(vocab_size=len(tok))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"),
+    ("   \n ", "empty"),
+    ("hi", "short"),
+    ("the the the the", "repetitive"),
+    ("!!!!!!!!!!", "repetitive"),
+    ("I am. I am. I am. I am. I am. I am. I am. I am.", "repetitive"),
+    ("go to the shop go to the shop go to the shop go to the shop", "repetitive"),
+    ("abababababababababababababababababababababab", "repetitive"),
+    ("Natalia sold 48 clips in April and half as many in May.", None),
+    ("def add(a, b):\n    return a + b\n", None),
+    ("1 2 3", None),
+])
+def test_degenerate_reason(text, reason):
+    assert degenerate_reason(text, min_chars=4) == reason
+
+
+def test_user_turn_prefix(tok):
+    prefix, eot = user_turn_prefix(tok)
+    assert prefix == "<|im_start|>user\n" and eot == tok.convert_tokens_to_ids("<|im_end|>")
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n"
+                       "{% endif %}" + tok.chat_template)
+    assert user_turn_prefix(t)[0] == "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
+
+
+def test_chat_corpus_generated_cached_and_reused(tmp_path, tok, model, monkeypatch):
+    path = tmp_path / "self.jsonl"
+    rng = torch.get_rng_state()
+    out = generate_self_corpus(model, tok, n_samples=3, max_new_tokens=6, cache_path=path, seed=0, batch_size=4,
+                               min_chars=1)
+    assert out == path and torch.equal(torch.get_rng_state(), rng) and tok.padding_side == "right"
+    recs = read_jsonl(path)
+    assert len(recs) == 3
+    for r in recs:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in r["messages"])
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["records"] == 3 and meta["format"] == "chat" and meta["settings"]["seed"] == 0
+    assert meta["user_turn_prefix"] == "<|im_start|>user\n" and isinstance(meta["filtered"], dict)
+    assert load_examples(DataConfig("self", seq_len=64), tok, self_corpus_path=path)
+
+    # same seed -> same corpus
+    again = generate_self_corpus(model, tok, 3, 6, tmp_path / "again.jsonl", seed=0, batch_size=4, min_chars=1)
+    assert read_jsonl(again) == recs
+
+    # a cache with enough records is reused without generating; a short one is regenerated
+    def boom(*a, **k):
+        raise AssertionError("generate must not be called")
+
+    monkeypatch.setattr(model, "generate", boom)
+    before = path.read_text()
+    assert generate_self_corpus(model, tok, 2, 6, path, seed=1, batch_size=4, min_chars=1) == path
+    assert path.read_text() == before
+    with pytest.raises(AssertionError, match="must not be called"):
+        generate_self_corpus(model, tok, 4, 6, path, seed=1, batch_size=4, min_chars=1)
+    assert path.read_text() == before  # a failed run leaves the old cache intact
+
+
+def test_text_corpus_for_non_chat_model(tmp_path, plain_tok, model):
+    path = generate_self_corpus(model, plain_tok, 2, 6, tmp_path / "t.jsonl", seed=0, batch_size=2, min_chars=1)
+    recs = read_jsonl(path)
+    assert len(recs) == 2 and all(set(r) == {"text"} and r["text"].strip() for r in recs)
+    assert json.loads(metadata_path(path).read_text())["format"] == "text"
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for an AR model: each generate() call continues every prompt with the next scripted text."""
+
+    def __init__(self, tok, texts):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.texts, self.calls = tok, list(texts), []
+        self.config = type("Cfg", (), {"_name_or_path": "scripted", "model_type": "scripted"})()
+
+    def generate(self, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens, **kw):
+        self.calls.append(self.tok.batch_decode(input_ids, skip_special_tokens=False))
+        rows = []
+        for _ in range(input_ids.shape[0]):
+            text = self.texts.pop(0)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id[0]]
+            rows.append(ids + [pad_token_id] * (max_new_tokens - len(ids)))
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_filtering_is_counted_and_prompts_are_right(tmp_path, tok):
+    users = ["How many clips did she sell?", "", "the the the the the", "What is 2 + 3?"]
+    answers = ["She sold 72 clips.", "no no no no no no"]
+    users2 = ["Why is the sky blue?", "x", "Add 4 and 5.", "!!!!!!!!!!"]
+    answers2 = ["Because of scattering.", "4 + 5 = 9"]
+    model = ScriptedModel(tok, users + answers + users2 + answers2)
+    path = generate_self_corpus(model, tok, 3, 64, tmp_path / "s.jsonl", seed=0, batch_size=4, min_chars=3)
+    recs = read_jsonl(path)
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in recs] == [
+        ("How many clips did she sell?", "She sold 72 clips."), ("Why is the sky blue?", "Because of scattering."),
+        ("Add 4 and 5.", "4 + 5 = 9")]
+    assert model.calls[0] == ["<|im_start|>user\n"] * 4
+    assert model.calls[1][0].endswith("<|im_start|>user\nHow many clips did she sell?<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["filtered"] == {"user_empty": 1, "user_repetitive": 2, "assistant_repetitive": 1, "user_short": 1}
+    assert meta["attempted"] == 8 and meta["records"] == 3
+
+
+def test_all_filtered_is_an_error(tmp_path, tok):
+    model = ScriptedModel(tok, [""] * 8)
+    with pytest.raises(Ar2dlmError, match="empty or degenerate"):
+        generate_self_corpus(model, tok, 2, 8, tmp_path / "x.jsonl", seed=0, batch_size=4, max_rounds=2)
+    assert not (tmp_path / "x.jsonl").exists()
