@@ -42,6 +42,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _cmd_compare(args) -> int:
+    from ar2dlm.decoding.compare import CompareConfig, run_compare
+
+    run_compare(dataclass_from_args(CompareConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ar2dlm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ar2dlm {__version__}")
@@ -59,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-train", help="training throughput: dLM loss vs plain AR fine-tuning, side by side")
     add_dataclass_args(p, BenchConfig)
     p.set_defaults(func=_cmd_bench_train)
+
+    from ar2dlm.decoding.compare import CompareConfig
+
+    p = sub.add_parser("compare", help="AR parent and dLM answer the same prompts side by side (TPF, agreement)")
+    add_dataclass_args(p, CompareConfig)
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

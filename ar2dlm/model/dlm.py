@@ -36,6 +36,7 @@ class DLMConfig:
     block_size: int = 4
     mask_token_id: int = -1
     token_shift: bool = True
+    base_model: str | None = None  # the AR parent (embedded name, path or hub id), for side-by-side comparisons
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -47,21 +48,22 @@ class DLMConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _set_mean_row(backbone: nn.Module, row: int, n_real: int | None = None) -> None:
+    """Set embedding row `row` (and the output row when untied) to the mean of the first `n_real` rows."""
+    n_real = row if n_real is None else n_real
+    with torch.no_grad():
+        for table in {t.weight.data_ptr(): t for t in (backbone.get_input_embeddings(), backbone.get_output_embeddings())
+                      if t is not None}.values():
+            table.weight[row] = table.weight[:n_real].float().mean(0).to(table.weight.dtype)
+
+
 def _mean_init_new_row(backbone: nn.Module, new_vocab: int) -> int:
     """Grow the vocabulary by one row initialised to the mean embedding (and mean output row when untied)."""
-    emb = backbone.get_input_embeddings().weight
-    old_vocab = emb.shape[0]
+    old_vocab = backbone.get_input_embeddings().weight.shape[0]
     if new_vocab != old_vocab + 1:
         raise Ar2dlmError(f"tokenizer and model disagree on vocabulary size ({new_vocab - 1} vs {old_vocab})")
-    with torch.no_grad():
-        mean_in = emb.float().mean(0)
-        out = backbone.get_output_embeddings()
-        mean_out = out.weight.float().mean(0) if out is not None else None
-        backbone.resize_token_embeddings(new_vocab, mean_resizing=False)
-        backbone.get_input_embeddings().weight[old_vocab] = mean_in.to(emb.dtype)
-        out = backbone.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != backbone.get_input_embeddings().weight.data_ptr():
-            out.weight[old_vocab] = mean_out.to(out.weight.dtype)
+    backbone.resize_token_embeddings(new_vocab, mean_resizing=False)
+    _set_mean_row(backbone, old_vocab)
     return old_vocab
 
 
@@ -77,13 +79,18 @@ def add_mask_token(backbone: nn.Module, tokenizer, mask_token: str | None = None
         if tok_id is None or tok_id == tokenizer.unk_token_id or not isinstance(tok_id, int):
             raise Ar2dlmError(f"mask token {mask_token!r} is not in the vocabulary")
         return tok_id
-    if DEFAULT_MASK_TOKEN in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(DEFAULT_MASK_TOKEN)
-    tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_MASK_TOKEN]}, replace_extra_special_tokens=False)
-    old = _mean_init_new_row(backbone, len(tokenizer))
+    added = DEFAULT_MASK_TOKEN not in tokenizer.get_vocab()
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_MASK_TOKEN]},
+                                     replace_extra_special_tokens=False)
     tok_id = tokenizer.convert_tokens_to_ids(DEFAULT_MASK_TOKEN)
-    if tok_id != old:
-        raise Ar2dlmError(f"mask token got id {tok_id}, expected the new row {old}")
+    rows = backbone.get_input_embeddings().weight.shape[0]
+    if tok_id == rows:  # a new row (also when the tokenizer already had the token from an earlier conversion)
+        _mean_init_new_row(backbone, rows + 1)
+    elif tok_id < rows and added:  # a padded vocabulary (e.g. Qwen) has spare rows: reuse one, mean-initialised
+        _set_mean_row(backbone, tok_id)
+    elif tok_id > rows:
+        raise Ar2dlmError(f"mask token id {tok_id} is beyond the model's {rows} embedding rows")
     return tok_id
 
 
@@ -114,9 +121,11 @@ class BlockDiffusionLM(nn.Module):
         block_size: int = 4,
         token_shift: bool = True,
         mask_token: str | None = None,
+        base_model: str | None = None,
     ) -> "BlockDiffusionLM":
         mask_id = add_mask_token(backbone, tokenizer, mask_token)
-        return cls(backbone, DLMConfig(block_size=block_size, mask_token_id=mask_id, token_shift=token_shift))
+        cfg = DLMConfig(block_size=block_size, mask_token_id=mask_id, token_shift=token_shift, base_model=base_model)
+        return cls(backbone, cfg)
 
     @property
     def device(self) -> torch.device:
@@ -238,9 +247,12 @@ class BlockDiffusionLM(nn.Module):
             if self.is_lora:
                 from safetensors.torch import save_file
 
+                base_model = base_model or self.config.base_model
                 if base_model is None:
                     raise Ar2dlmError("saving a LoRA dLM needs the base model it loads on top of")
-                self._peft_model.save_pretrained(tmp)
+                # peft would otherwise save the whole (resized) embedding matrix; the mask row is all that is
+                # new, it is written below and re-created on load.
+                self._peft_model.save_pretrained(tmp, save_embedding_layers=False)
                 save_file({"mask_embedding": self.mask_embedding.detach().float().cpu().contiguous()},
                           str(Path(tmp) / MASK_ROW_FILE))
                 meta = {"dlm": asdict(self.config), "base_model": base_model,

@@ -40,7 +40,8 @@ HELDOUT_SEED = 1234
 
 def self_corpus_path(cfg: ConvertConfig) -> Path:
     """Cache location of the base model's own corpus, keyed by everything that changes its content."""
-    key = json.dumps([resolve_model_source(cfg.model), cfg.self_samples, cfg.self_max_new_tokens, cfg.seed])
+    key = json.dumps([resolve_model_source(cfg.model), cfg.self_samples, cfg.self_max_new_tokens,
+                      cfg.self_answer_temperature, cfg.seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "self-corpus" / f"{Path(cfg.model).name}-{digest}.jsonl"
 
@@ -55,7 +56,8 @@ def prepare_examples(cfg: ConvertConfig, backbone, tokenizer, info) -> list:
 
             corpus = self_corpus_path(cfg)
             generate_self_corpus(backbone, tokenizer, n_samples=cfg.self_samples,
-                                 max_new_tokens=cfg.self_max_new_tokens, cache_path=corpus, seed=cfg.seed)
+                                 max_new_tokens=cfg.self_max_new_tokens, cache_path=corpus, seed=cfg.seed,
+                                 batch_size=32, answer_temperature=cfg.self_answer_temperature)
         data_cfg = DataConfig(source=cfg.data, seq_len=cfg.seq_len, max_records=cfg.max_records)
         examples = load_examples(data_cfg, tokenizer, self_corpus_path=corpus)
         if len(examples) <= cfg.heldout:
@@ -108,7 +110,8 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     examples = prepare_examples(cfg, backbone, tokenizer, info)
     train_ex, heldout_ex = split_heldout(examples, cfg.heldout, seed=cfg.seed)
 
-    dlm = BlockDiffusionLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token)
+    dlm = BlockDiffusionLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token,
+                                     base_model=resolve_model_source(cfg.model))
     if cfg.lora_rank:
         dlm.apply_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     if cfg.gradient_checkpointing:
@@ -140,7 +143,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     if info.is_main:
         write_json(out / "config.json", asdict(cfg))
     if state["before"] is None:
-        state["before"] = heldout_metrics(dlm, heldout, autocast) if heldout else {}
+        state["before"] = heldout_metrics(model, heldout, autocast) if heldout else {}
         if info.is_main:
             metrics.write({"step": 0, **state["before"]})
 
@@ -193,7 +196,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{step_tokens / dt:.0f}")
         bar.update(1)
         if cfg.eval_every and state["step"] % cfg.eval_every == 0 and heldout:
-            ev = heldout_metrics(dlm, heldout, autocast)
+            ev = heldout_metrics(model, heldout, autocast)
             if info.is_main:
                 metrics.write({"step": state["step"], **ev})
         out_of_time = state["train_seconds"] >= budget_s
@@ -207,24 +210,44 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
             break
     bar.close()
 
-    after = heldout_metrics(dlm, heldout, autocast) if heldout else {}
-    checksums = _gather(param_checksum(objective), info)  # equal on every rank when DDP kept them in sync
+    after = heldout_metrics(model, heldout, autocast) if heldout else {}
+    # equal on every rank when DDP kept them in sync (FSDP ranks hold different shards: nothing to compare)
+    checksums = None if cfg.fsdp else _gather(param_checksum(objective), info)
     summary = {
         "model": cfg.model, "output": str(out / "model"), "steps": state["step"], "tokens": state["tokens"],
         "train_seconds": round(state["train_seconds"], 1), "stopped_early": stopped_early,
         "heldout_before": state["before"], "heldout_after": after, "dlm": asdict(dlm.config),
         "lora_rank": cfg.lora_rank, "world_size": info.world_size, "rank_param_checksums": checksums,
     }
+    final = _unsharded(cfg, objective, tokenizer) if (cfg.fsdp and info.enabled) else dlm
     if info.is_main:
         metrics.write({"step": state["step"], **after})
-        if cfg.fsdp:
-            log.warning("FSDP run: the final model is gathered from the checkpoint on the main rank")
-        dlm.save_pretrained(out / "model", tokenizer, base_model=resolve_model_source(cfg.model))
+        final.save_pretrained(out / "model", tokenizer)
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{Path(cfg.model).name} -> dLM (B={cfg.block_size})")
-        summary["samples"] = fill_in_samples(dlm, tokenizer, heldout[:1], n=3)
+        summary["samples"] = fill_in_samples(final, tokenizer, [b.to(final.device) for b in heldout[:1]], n=3)
         write_json(out / "summary.json", summary)
     distributed.barrier()
     return summary
+
+
+def _unsharded(cfg: ConvertConfig, objective, tokenizer):
+    """Under FSDP the weights are spread over ranks: gather a full copy (collective) into a plain dLM on the main
+    rank, to save it as a normal checkpoint. Other ranks get None."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    backbone, _ = load_base(cfg.model, dtype=torch.float32)
+    plain = BlockDiffusionLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token,
+                                       base_model=resolve_model_source(cfg.model))
+    if cfg.lora_rank:
+        plain.apply_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    missing, unexpected = plain.load_state_dict({k.removeprefix("dlm."): v for k, v in full.items()}, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"FSDP gather mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return plain
 
 
 @torch.no_grad()

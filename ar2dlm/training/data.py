@@ -410,6 +410,7 @@ def _encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, 
 
 def tokenize_records(records: list[_Record], tokenizer, config: DataConfig, stats: LoadStats | None = None
                      ) -> list[Example]:
+    """Chat/instruction records -> one masked Example each; text records -> packed fully-maskable chunks."""
     stats = stats if stats is not None else LoadStats()
     seq_len = config.seq_len
     if seq_len < 2:

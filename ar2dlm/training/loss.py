@@ -36,11 +36,13 @@ def scorable(maskable: torch.Tensor, token_shift: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_metrics(dlm: BlockDiffusionLM, batches, autocast) -> dict:
-    """Masked-token accuracy and loss on pre-noised held-out batches (the same masks before and after training)."""
-    was_training = dlm.training
-    dlm.eval()
-    objective = DiffusionObjective(dlm)
+def heldout_metrics(objective: nn.Module, batches, autocast) -> dict:
+    """Masked-token accuracy and loss on pre-noised held-out batches (the same masks before and after training).
+
+    `objective` is the (possibly DDP/FSDP-wrapped) DiffusionObjective: calling the wrapper lets FSDP gather weights.
+    """
+    was_training = objective.training
+    objective.eval()
     ce, correct, count = 0.0, 0, 0
     for b in batches:
         with autocast():
@@ -48,7 +50,7 @@ def heldout_metrics(dlm: BlockDiffusionLM, batches, autocast) -> dict:
         ce += s.item()
         correct += c.item()
         count += int(b.masked.sum())
-    dlm.train(was_training)
+    objective.train(was_training)
     if count == 0:
         return {"heldout_loss": float("nan"), "heldout_acc": float("nan"), "heldout_tokens": 0}
     return {"heldout_loss": ce / count, "heldout_acc": correct / count, "heldout_tokens": count}

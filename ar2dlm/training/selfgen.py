@@ -118,10 +118,12 @@ def _sample(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_t
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
+        # temperature 0 means greedy: the model's own most likely answer
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = model.generate(
-            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), do_sample=True,
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-            pad_token_id=pad_id,
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, **sampling,
         )
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     stops = set(stop_ids)
@@ -149,12 +151,19 @@ def metadata_path(cache_path: str | Path) -> Path:
 
 def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, cache_path: str | Path, seed: int,
                          batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, min_chars: int = 8,
-                         max_rounds: int | None = None) -> Path:
+                         max_rounds: int | None = None, keep_unfinished: bool = True,
+                         user_max_new_tokens: int | None = None, answer_temperature: float | None = None) -> Path:
     """Write (or reuse) a self-generated corpus of `n_samples` records at `cache_path`; return the path.
 
-    Sampling is seeded (round r samples user turns with `seed + r`) and does not disturb the caller's RNG state. Generation stops
+    Sampling is seeded (round r samples with `seed + r`) and leaves the caller's RNG state alone. Generation stops
     after `max_rounds` batches (default: enough for 4x `n_samples` attempts); if fewer records survived the filter
-    the corpus is written with what there is (a warning), and none at all is an Ar2dlmError.
+    the corpus is written with what there is (a warning), and none at all is an Ar2dlmError. An output that hits
+    `max_new_tokens` before its end-of-turn token is "unfinished": kept (and counted) unless `keep_unfinished` is
+    False, since training appends an end-of-turn token to it.
+
+    For chat models the user turn has its own, shorter limit (`user_max_new_tokens`, default min(64,
+    max_new_tokens)): a question, not an essay. `answer_temperature` (default `temperature`) can be lower, so the
+    answers stay close to what the model itself would say greedily, which is what a converted model should reproduce.
     """
     from tqdm.auto import tqdm
 
@@ -182,6 +191,8 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
     if not stop_ids:
         raise Ar2dlmError("the tokenizer has no end-of-turn or EOS token to stop generation at")
 
+    user_limit = user_max_new_tokens or min(64, max_new_tokens)
+    answer_temp = temperature if answer_temperature is None else answer_temperature
     if max_rounds is None:
         max_rounds = math.ceil(4 * n_samples / batch_size) + 1
     was_training = model.training
@@ -196,34 +207,35 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
             if len(records) >= n_samples:
                 break
             s = seed + r
-            first = _sample(model, tokenizer, [prefix] * batch_size, stop_ids, max_new_tokens, temperature, top_p, s)
+            limit = user_limit if chat else max_new_tokens
+            first = _sample(model, tokenizer, [prefix] * batch_size, stop_ids, limit, temperature, top_p, s)
             attempted += batch_size
+            role = "user" if chat else "text"
             kept = []
             for text, done in first:
-                reason = degenerate_reason(text, min_chars)
+                reason = degenerate_reason(text, min_chars) or (None if done or keep_unfinished else "unfinished")
                 if reason:
-                    filtered[f"{'user' if chat else 'text'}_{reason}"] += 1
-                    continue
-                kept.append((text.strip(), done))
+                    filtered[f"{role}_{reason}"] += 1
+                else:
+                    kept.append((text.strip(), done))
+            new: list[tuple[dict, bool]] = []
             if chat and kept:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
                                                          add_generation_prompt=True) for u, _ in kept]
-                answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, temperature, top_p,
+                answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, answer_temp, top_p,
                                   s + ANSWER_SEED_OFFSET)
-                new = []
                 for (u, u_done), (a, done) in zip(kept, answers):
-                    reason = degenerate_reason(a, min_chars)
+                    reason = degenerate_reason(a, min_chars) or (None if done or keep_unfinished else "unfinished")
                     if reason:
                         filtered[f"assistant_{reason}"] += 1
                         continue
-                    unfinished += not (done and u_done)
-                    new.append({"messages": [{"role": "user", "content": u},
-                                             {"role": "assistant", "content": a.strip()}]})
-            else:
-                new = [{"text": t} for t, _ in kept]
-                unfinished += sum(not d for _, d in kept[:n_samples - len(records)])
+                    new.append(({"messages": [{"role": "user", "content": u},
+                                              {"role": "assistant", "content": a.strip()}]}, u_done and done))
+            elif not chat:
+                new = [({"text": t}, done) for t, done in kept]
             new = new[:n_samples - len(records)]
-            records += new
+            unfinished += sum(not done for _, done in new)
+            records += [rec for rec, _ in new]
             bar.update(len(new))
     finally:
         bar.close()
@@ -249,7 +261,9 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
         "filtered": dict(filtered),
         "unfinished": unfinished,  # kept, but hit max_new_tokens before an end-of-turn token
         "settings": {"max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
-                     "temperature": temperature, "top_p": top_p, "min_chars": min_chars},
+                     "temperature": temperature, "answer_temperature": answer_temp,
+                     "user_max_new_tokens": user_limit, "top_p": top_p, "min_chars": min_chars,
+                     "keep_unfinished": keep_unfinished},
         "seconds": round(time.time() - started, 2),
     }
     write_json(metadata_path(cache_path), meta)

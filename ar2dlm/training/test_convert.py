@@ -137,3 +137,16 @@ def test_cli_bad_input_is_one_line(setup, tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("ar2dlm: error:"), res.stderr
     res = _cli(["convert", "--model", str(base), "--block-size", "0", "--output", str(tmp_path / "o3")])
     assert res.returncode == 2 and "block-size" in res.stderr
+
+
+def test_fsdp_matches_ddp(setup):
+    base, data, root = setup
+    outs = {}
+    for mode in ("ddp", "fsdp"):
+        out = root / f"shard-{mode}"
+        extra = ["--fsdp"] if mode == "fsdp" else []
+        res = _cli(_args(base, data, out, steps=3, extra=extra), torchrun=2)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[mode] = _weights(out / "model")
+    for k, v in outs["ddp"].items():
+        torch.testing.assert_close(outs["fsdp"][k], v, atol=2e-5, rtol=1e-4, msg=k)

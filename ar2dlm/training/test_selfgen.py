@@ -111,7 +111,8 @@ class ScriptedModel(torch.nn.Module):
         rows = []
         for _ in range(input_ids.shape[0]):
             text = self.texts.pop(0)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [eos_token_id[0]]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            ids = ids + [eos_token_id[0]] if len(ids) < max_new_tokens else ids[:max_new_tokens]  # else: unfinished
             rows.append(ids + [pad_token_id] * (max_new_tokens - len(ids)))
         return torch.cat([input_ids, torch.tensor(rows)], dim=1)
 
@@ -140,3 +141,16 @@ def test_all_filtered_is_an_error(tmp_path, tok):
     with pytest.raises(Ar2dlmError, match="empty or degenerate"):
         generate_self_corpus(model, tok, 2, 8, tmp_path / "x.jsonl", seed=0, batch_size=4, max_rounds=2)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_unfinished_outputs_counted_or_dropped(tmp_path, tok):
+    long = "the quick brown fox jumps over the lazy dog and then some more words"
+    script = ["add 1 and 2", long, "the answer is 3", "the lazy dog sleeps"]
+    meta_of = lambda p: json.loads(metadata_path(p).read_text())  # noqa: E731
+    p = generate_self_corpus(ScriptedModel(tok, script), tok, 2, 12, tmp_path / "a.jsonl", seed=0, batch_size=2)
+    assert len(read_jsonl(p)) == 2 and meta_of(p)["unfinished"] == 1 and meta_of(p)["filtered"] == {}
+    script = ["add 1 and 2", long, "the answer is 3"]
+    p = generate_self_corpus(ScriptedModel(tok, script), tok, 2, 12, tmp_path / "b.jsonl", seed=0, batch_size=2,
+                             keep_unfinished=False, max_rounds=1)
+    assert [r["messages"][0]["content"] for r in read_jsonl(p)] == ["add 1 and 2"]
+    assert meta_of(p)["filtered"] == {"user_unfinished": 1} and meta_of(p)["unfinished"] == 0

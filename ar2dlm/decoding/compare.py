@@ -1,0 +1,141 @@
+"""`ar2dlm compare`: the AR parent and the dLM answer the same prompts, side by side.
+
+For each prompt: the parent's greedy answer (Hugging Face `generate`), the dLM's answer with the threshold policy,
+the dLM's tokens per forward (TPF), and whether the two answers agree (exactly, and as a share of matching leading
+tokens). This is the quick sanity check after a conversion; `ar2dlm eval` is the full evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ar2dlm.decoding.reference import reference_generate
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.loading import load_base
+from ar2dlm.utils.files import write_json
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write a Python function that returns the largest number in a list.",
+    "Give me three tips for sleeping better.",
+    "Explain what photosynthesis is in two sentences.",
+    "A train travels 60 miles per hour for 3 hours. How far does it go?",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a short poem about the sea.",
+]
+
+
+@dataclass
+class CompareConfig:
+    model: str = field(default="runs/smollm2-135m-dlm/model", metadata={"help": "converted dLM folder"})
+    base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
+    prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
+    thresholds: str = field(default="0.9,0.5", metadata={"help": "comma-separated confidence thresholds"})
+    max_new_tokens: int = field(default=96, metadata={"help": "tokens per answer"})
+    json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
+
+    def __post_init__(self):
+        try:
+            taus = [float(t) for t in self.thresholds.split(",")]
+        except ValueError:
+            raise Ar2dlmError(f"--thresholds must be comma-separated numbers, got {self.thresholds!r}") from None
+        if not taus or any(not 0 <= t <= 1 for t in taus):
+            raise Ar2dlmError("every threshold must be in [0, 1]")
+        if self.max_new_tokens < 1:
+            raise Ar2dlmError("--max-new-tokens must be >= 1")
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return tuple(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def _trim(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def leading_agreement(a: list[int], b: list[int]) -> float:
+    """Share of the longer answer covered by the common prefix (1.0 = identical)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / max(len(a), len(b), 1)
+
+
+@torch.no_grad()
+def run_compare(cfg: CompareConfig) -> dict:
+    dlm, tokenizer = BlockDiffusionLM.from_pretrained(cfg.model)
+    dlm.eval()
+    base_name = cfg.base or dlm.config.base_model
+    if base_name is None:
+        raise Ar2dlmError("the dLM does not record its AR parent: pass --base")
+    parent, _ = load_base(base_name)
+    parent.eval()
+    if cfg.prompts:
+        try:
+            prompts = [ln.strip() for ln in open(cfg.prompts, encoding="utf-8") if ln.strip()]
+        except OSError as e:
+            raise Ar2dlmError(f"cannot read prompts: {e}") from None
+    else:
+        prompts = DEFAULT_PROMPTS
+    stops = _stop_ids(tokenizer)
+    taus = [float(t) for t in cfg.thresholds.split(",")]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = _prompt_ids(tokenizer, prompt)
+        t0 = time.perf_counter()
+        out = parent.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=list(stops),
+                              pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        ar_s = time.perf_counter() - t0
+        ar_tokens = _trim(out[0, len(ids):].tolist(), stops)
+        row = {"prompt": prompt, "ar_text": tokenizer.decode(ar_tokens, skip_special_tokens=True),
+               "ar_tokens": len(ar_tokens), "ar_tokens_per_s": len(ar_tokens) / ar_s, "dlm": []}
+        for tau in taus:
+            t0 = time.perf_counter()
+            res = reference_generate(dlm, ids, cfg.max_new_tokens, threshold=tau, stop_ids=stops)
+            s = time.perf_counter() - t0
+            row["dlm"].append({
+                "threshold": tau, "text": tokenizer.decode(res.tokens, skip_special_tokens=True),
+                "tokens": len(res.tokens), "nfe": res.nfe, "tpf": res.tpf, "tokens_per_s": len(res.tokens) / s,
+                "exact_match": res.tokens == ar_tokens, "leading_agreement": leading_agreement(res.tokens, ar_tokens),
+            })
+        rows.append(row)
+        print(f"[{i + 1}/{len(prompts)}] {prompt[:60]!r}")
+        print(f"    AR parent : {row['ar_text'][:160]!r}")
+        for d in row["dlm"]:
+            print(f"    dLM t={d['threshold']:<4}: TPF {d['tpf']:.2f}  {'agree' if d['exact_match'] else 'differ'}  "
+                  f"{d['text'][:160]!r}")
+
+    summary = {"model": cfg.model, "base": base_name, "prompts": len(prompts), "per_threshold": []}
+    print(f"\n{'threshold':>9}{'TPF':>7}{'exact agree':>13}{'leading agree':>15}")
+    for k, tau in enumerate(taus):
+        tokens = sum(r["dlm"][k]["tokens"] for r in rows)
+        nfe = sum(r["dlm"][k]["nfe"] for r in rows)
+        exact = sum(r["dlm"][k]["exact_match"] for r in rows) / len(rows)
+        lead = sum(r["dlm"][k]["leading_agreement"] for r in rows) / len(rows)
+        summary["per_threshold"].append({"threshold": tau, "tpf": tokens / max(nfe, 1), "exact_agreement": exact,
+                                         "leading_agreement": lead})
+        print(f"{tau:>9}{tokens / max(nfe, 1):>7.2f}{exact:>12.0%}{lead:>14.0%}")
+    result = {"config": asdict(cfg), "summary": summary, "rows": rows}
+    if cfg.json_out:
+        write_json(cfg.json_out, result)
+    return result
