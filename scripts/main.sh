@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# Convert the embedded default model (SmolLM2-135M-Instruct) into a block-diffusion LM with the default recipe,
-# then print what it learned. Extra arguments go to `ar2dlm convert` (e.g. --max-minutes 10).
+# Convert the embedded default model (SmolLM2-135M-Instruct) into a block-diffusion LM with the default recipe, then
+# show what it learned: held-out masked-token accuracy before/after, and the AR parent and the dLM answering the same
+# prompts side by side (TPF, agreement). Extra arguments go to `ar2dlm convert` (e.g. --max-minutes 10).
 source "$(dirname "$0")/env.sh"
-ar2dlm convert --model smollm2-135m --output runs/smollm2-135m-dlm "$@"
+out=runs/smollm2-135m-dlm
+if [ -f "$out/model/config.json" ] && [ ! -f "$out/checkpoint/state.pt" ]; then
+  echo "$out already holds a converted model; remove it to convert again."
+else
+  resume=()
+  [ -f "$out/checkpoint/state.pt" ] && resume=(--resume)
+  ar2dlm convert --model smollm2-135m --output "$out" --max-minutes 25 "${resume[@]}" "$@"
+fi
+ar2dlm compare --model "$out/model" --thresholds 0.9,0.7,0.5 --json-out "$out/compare.json"

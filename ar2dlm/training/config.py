@@ -30,7 +30,7 @@ class ConvertConfig:
     seq_len: int = _opt(256, "tokens per training sequence")
     max_records: int | None = _opt(None, "use at most this many data records")
     heldout: int = _opt(32, "examples held out for masked-token accuracy")
-    self_samples: int = _opt(256, "records the base model writes for data=self")
+    self_samples: int = _opt(160, "records the base model writes for data=self")
     self_max_new_tokens: int = _opt(160, "tokens per answer the base model writes for data=self")
     self_answer_temperature: float = _opt(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
     # optimisation
@@ -41,7 +41,7 @@ class ConvertConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     batch_size: int = _opt(4, "sequences per micro-batch per process")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: int = _opt(150, "optimizer steps (the schedule's length)")
+    max_steps: int = _opt(120, "optimizer steps (the schedule's length)")
     max_minutes: float | None = _opt(None, "stop (and save) after this many minutes of training")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")

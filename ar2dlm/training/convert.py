@@ -57,7 +57,7 @@ def prepare_examples(cfg: ConvertConfig, backbone, tokenizer, info) -> list:
             corpus = self_corpus_path(cfg)
             generate_self_corpus(backbone, tokenizer, n_samples=cfg.self_samples,
                                  max_new_tokens=cfg.self_max_new_tokens, cache_path=corpus, seed=cfg.seed,
-                                 batch_size=32, answer_temperature=cfg.self_answer_temperature)
+                                 batch_size=16, answer_temperature=cfg.self_answer_temperature)
         data_cfg = DataConfig(source=cfg.data, seq_len=cfg.seq_len, max_records=cfg.max_records)
         examples = load_examples(data_cfg, tokenizer, self_corpus_path=corpus)
         if len(examples) <= cfg.heldout:
