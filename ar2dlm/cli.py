@@ -49,6 +49,13 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from ar2dlm.decoding.generate import GenerateConfig, run_generate
+
+    run_generate(dataclass_from_args(GenerateConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ar2dlm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ar2dlm {__version__}")
@@ -72,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="AR parent and dLM answer the same prompts side by side (TPF, agreement)")
     add_dataclass_args(p, CompareConfig)
     p.set_defaults(func=_cmd_compare)
+
+    from ar2dlm.decoding.generate import GenerateConfig
+
+    p = sub.add_parser("generate", help="answer a prompt with the cached decoding engine (text + NFE/TPF/speed)")
+    add_dataclass_args(p, GenerateConfig)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -4,8 +4,9 @@
 # prompts side by side (TPF, agreement). Extra arguments go to `ar2dlm convert` (e.g. --max-minutes 10).
 source "$(dirname "$0")/env.sh"
 out=runs/smollm2-135m-dlm
-if [ -f "$out/model/config.json" ] && [ ! -f "$out/checkpoint/state.pt" ]; then
-  echo "$out already holds a converted model; remove it to convert again."
+if [ -f "$out/summary.json" ]; then
+  echo "$out already holds a finished conversion (remove it to convert again):"
+  cat "$out/summary.json"
 else
   resume=()
   [ -f "$out/checkpoint/state.pt" ] && resume=(--resume)

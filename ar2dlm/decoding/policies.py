@@ -1,0 +1,192 @@
+"""Commit policies: given the logits of a block's still-masked positions, which ones to commit and with which tokens.
+
+Every policy has the same two-stage interface. `propose` turns logits into one candidate token per position with its
+confidence (the probability of that token) and the predictive entropy; greedy by default, or sampled with
+temperature / top-k / top-p from a seeded generator (the confidence is then the probability of the sampled token
+under the distribution it was drawn from). `select` decides which candidates are committed.
+
+`must_commit` says whether the block has to make progress this forward. It is True for the single active block and
+for a "fully active" block of multi-block decoding; a block that is only pre-decoding (its predecessor still far
+from done) passes False and commits only what clears the bar, possibly nothing.
+
+Positions are always passed left to right, so "leftmost" is index 0 and ties go to the leftmost position, as in the
+reference decoder (torch's argmax returns the first maximum).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ar2dlm.errors import Ar2dlmError
+
+POLICIES = ("threshold", "entropy", "steps", "ar")
+DEFAULT_TAU = {"threshold": 0.9, "entropy": 0.5}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a candidate token is chosen: temperature 0 is greedy (argmax); top_k 0 and top_p 1 disable the filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise Ar2dlmError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise Ar2dlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise Ar2dlmError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [N] candidate token per position
+    confidence: torch.Tensor  # [N] probability of that token
+    entropy: torch.Tensor  # [N] entropy (nats) of the distribution it was taken from
+
+
+def _filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    scaled = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scaled.shape[-1]:
+        kth = scaled.topk(sampling.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p (so the top token always stays)
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def propose(logits: torch.Tensor, sampling: Sampling = GREEDY, generator: torch.Generator | None = None) -> Proposal:
+    """Candidate tokens for logits [N, V]. Greedy computes exactly what the reference decoder does (float softmax)."""
+    if sampling.greedy:
+        probs = logits.float().softmax(-1)
+        conf, tok = probs.max(-1)
+    else:
+        probs = _filtered_probs(logits, sampling)
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        conf = probs.gather(-1, tok[:, None])[:, 0]
+    return Proposal(tok, conf, torch.special.entr(probs).sum(-1))
+
+
+class Policy(ABC):
+    name: str
+
+    def step(
+        self,
+        logits: torch.Tensor,
+        must_commit: bool = True,
+        sampling: Sampling = GREEDY,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the masked positions' logits [N, V]: (commit [N] bool, tokens [N])."""
+        prop = propose(logits, sampling, generator)
+        return self.select(prop, must_commit), prop.tokens
+
+    @abstractmethod
+    def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
+        """Which candidates to commit (bool [N])."""
+
+
+def _only(n: int, index, device) -> torch.Tensor:
+    out = torch.zeros(n, dtype=torch.bool, device=device)
+    out[index] = True
+    return out
+
+
+class ArPolicy(Policy):
+    """The leftmost masked position only: the autoregressive baseline inside the same loop (one token a forward)."""
+
+    name = "ar"
+
+    def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
+        n = prop.tokens.shape[0]
+        if not must_commit or n == 0:
+            return torch.zeros(n, dtype=torch.bool, device=prop.tokens.device)
+        return _only(n, 0, prop.tokens.device)
+
+
+class ThresholdPolicy(Policy):
+    """Fast-dLLM: every position whose confidence is > tau; if none (and progress is due), the most confident one."""
+
+    name = "threshold"
+
+    def __init__(self, tau: float = DEFAULT_TAU["threshold"]):
+        if not 0.0 <= tau <= 1.0:
+            raise Ar2dlmError(f"threshold tau must be in [0, 1], got {tau}")
+        self.tau = tau
+
+    def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
+        commit = prop.confidence > self.tau
+        if must_commit and prop.confidence.numel() and not commit.any():
+            commit = _only(commit.shape[0], prop.confidence.argmax(), commit.device)
+        return commit
+
+
+class EntropyPolicy(Policy):
+    """d3LLM: every position whose predictive entropy is < tau (nats); if none, the lowest-entropy one."""
+
+    name = "entropy"
+
+    def __init__(self, tau: float = DEFAULT_TAU["entropy"]):
+        if not (tau >= 0 and math.isfinite(tau)):
+            raise Ar2dlmError(f"entropy tau must be a finite number >= 0 (nats), got {tau}")
+        self.tau = tau
+
+    def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
+        commit = prop.entropy < self.tau
+        if must_commit and prop.entropy.numel() and not commit.any():
+            commit = _only(commit.shape[0], prop.entropy.argmin(), commit.device)
+        return commit
+
+
+class StepsPolicy(Policy):
+    """LLaDA-style fixed schedule: the k most confident positions each forward (all of them when fewer remain).
+
+    A block that is only pre-decoding (must_commit False) waits: a fixed budget has no notion of "confident enough".
+    """
+
+    name = "steps"
+
+    def __init__(self, k: int = 2):
+        if k < 1:
+            raise Ar2dlmError(f"steps policy needs k >= 1 tokens per forward, got {k}")
+        self.k = k
+
+    def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
+        n = prop.confidence.shape[0]
+        if not must_commit or n == 0:
+            return torch.zeros(n, dtype=torch.bool, device=prop.confidence.device)
+        # stable descending sort: equal confidences go to the leftmost positions
+        order = torch.sort(prop.confidence, descending=True, stable=True).indices[: self.k]
+        return _only(n, order, prop.confidence.device)
+
+
+def make_policy(name: str, tau: float | None = None, k: int = 2) -> Policy:
+    """Build a policy by name; `tau` defaults per policy (threshold 0.9, entropy 0.5 nats); `k` is for `steps`."""
+    if name == "threshold":
+        return ThresholdPolicy(DEFAULT_TAU[name] if tau is None else tau)
+    if name == "entropy":
+        return EntropyPolicy(DEFAULT_TAU[name] if tau is None else tau)
+    if name == "steps":
+        return StepsPolicy(k)
+    if name == "ar":
+        return ArPolicy()
+    raise Ar2dlmError(f"unknown decoding policy {name!r} (choose from {', '.join(POLICIES)})")

@@ -1,0 +1,168 @@
+"""The per-sequence block schedule of the cached engine: which positions each forward feeds, which logit predicts
+which masked position, what gets committed, and when a finished block's keys/values count as cached.
+
+Blocks are aligned to absolute positions 0, B, 2B, ... (prompt included), as in training, so the first block after
+the prompt may be partial. Three regions of the sequence matter at every forward:
+
+* `[0, cached)`: blocks whose K/V sit in the cache, computed from their final tokens with all earlier blocks final;
+* `[cached, final_end)`: blocks that are complete but not cached yet (the prompt's full blocks on the first forward,
+  the block finished by the previous forward, or blocks held back by `cache_delay`). They are fed again; this forward
+  computes their K/V from final tokens, so afterwards they can be marked cached without any extra forward;
+* `[final_end, fed_end)`: the open blocks (the first one still has masks), recomputed every forward.
+
+A forward feeds `[cached, fed_end)`, writes those K/V into their own slots and reads everything below `fed_end`
+block-causally. With token shift, a block's first position is predicted by the last position of the previous block
+seen with its final tokens ("clean"); that logit only exists in the forward that feeds the finished previous block,
+so it is kept (`clean_logit`) for the block's later forwards. A later open block (multi-block decoding) whose
+predecessor is not final yet has no clean predictor for its first position, which then simply waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ar2dlm.decoding.policies import Policy, Sampling
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Multi-block knobs (see DecodeConfig); the defaults give single-block decoding."""
+
+    block_parallel: bool = False
+    p_add: float = 0.1
+    activate_ratio: float = 0.95
+    max_open_blocks: int = 4
+    cache_delay: int = 1
+    refresh_every: int = 0
+
+
+@dataclass
+class Plan:
+    fed_start: int  # first fed position (= first uncached slot, or 0 on a full-cache refresh)
+    fed_end: int  # end of the last opened block
+    final_end: int  # fed blocks below this are complete at the input of this forward
+    logit_lo: int  # first position whose logit this forward needs (logits are computed for [logit_lo, fed_end))
+
+
+class RowState:
+    """One sequence being generated."""
+
+    def __init__(self, prompt_ids: list[int], max_new_tokens: int, block_size: int, mask_id: int,
+                 token_shift: bool, schedule: Schedule):
+        self.prompt_len = len(prompt_ids)
+        self.limit = self.prompt_len + max_new_tokens
+        self.bsz, self.mask_id, self.shift, self.sched = block_size, mask_id, token_shift, schedule
+        self.toks = list(prompt_ids) + [mask_id] * max_new_tokens
+        # Tracked apart from the token value so a prompt that happens to contain the mask id is never "masked".
+        self.pending = [False] * self.prompt_len + [True] * max_new_tokens
+        self.next_block = self.prompt_len // block_size  # the next block to open
+        self.open: list[int] = []  # opened blocks that still have masked positions, in order
+        self.fully_active: set[int] = set()
+        self.final_count: dict[int, int] = {}  # block -> forwards that fed it while it was final
+        self.clean_logit: dict[int, torch.Tensor] = {}  # block start -> logit predicting it (token shift)
+        self.cached = 0
+        self.decoded = self.prompt_len  # end of the decoded prefix (first masked position)
+        self.nfe = 0
+        self.done = False
+        self.n_tokens = 0  # kept tokens once done
+        self.stop_reason: str | None = None
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+        self._open_next()
+
+    # --------------------------------------------------------------------------------------------- blocks
+    def span(self, k: int) -> tuple[int, int]:
+        """Generated positions of block k (prompt positions excluded, cut at the length limit)."""
+        return max(k * self.bsz, self.prompt_len), min((k + 1) * self.bsz, self.limit)
+
+    def fraction(self, k: int) -> float:
+        lo, hi = self.span(k)
+        if hi <= lo:  # a block made of prompt only
+            return 1.0
+        return 1.0 - sum(self.pending[lo:hi]) / (hi - lo)
+
+    def _open_next(self) -> None:
+        if self.next_block * self.bsz < self.limit:
+            self.open.append(self.next_block)
+            self.next_block += 1
+
+    # --------------------------------------------------------------------------------------------- forward
+    def plan(self) -> Plan:
+        refresh = self.sched.refresh_every and self.nfe and self.nfe % self.sched.refresh_every == 0
+        fed_start = 0 if refresh else self.cached
+        fed_end = min(self.next_block * self.bsz, self.limit)
+        final_end = self.open[0] * self.bsz
+        logit_lo = max(fed_start, final_end - 1) if self.shift else final_end
+        return Plan(fed_start, fed_end, final_end, logit_lo)
+
+    def apply(self, plan: Plan, logits: torch.Tensor, policy: Policy, sampling: Sampling,
+              generator: torch.Generator | None, now: float) -> tuple[int, int]:
+        """Commit from this forward's logits (rows for positions [logit_lo, fed_end)); returns the decoded prefix
+        (old end, new end) so the caller can look for stop tokens/strings in what just became final."""
+        self.nfe += 1
+        lo, B = plan.logit_lo, self.bsz
+        if self.shift and lo <= plan.final_end - 1 and plan.final_end < self.limit:
+            # the clean predictor of the first open block's first position; kept for its later forwards
+            self.clean_logit[plan.final_end] = logits[plan.final_end - 1 - lo].clone()
+        # "Fully active" is decided on the input state: the block's predecessor is (almost) done.
+        for i, k in enumerate(self.open):
+            if i == 0 or self.fraction(k - 1) >= self.sched.activate_ratio:
+                self.fully_active.add(k)
+        committed = False
+        for k in self.open:
+            start, end = self.span(k)
+            rows, where = [], []
+            for m in range(start, end):
+                if not self.pending[m]:
+                    continue
+                if self.shift and m % B == 0:
+                    if m not in self.clean_logit:  # predecessor not final yet: nothing predicts m properly
+                        continue
+                    rows.append(self.clean_logit[m])
+                else:
+                    rows.append(logits[(m - 1 if self.shift else m) - lo])
+                where.append(m)
+            if not where:
+                continue
+            commit, tokens = policy.step(torch.stack(rows), k in self.fully_active, sampling, generator)
+            for m, c, t in zip(where, commit.tolist(), tokens.tolist()):
+                if c:
+                    self.toks[m], self.pending[m] = t, False
+                    committed = True
+        if committed and self.t_first is None:
+            self.t_first = now
+        self.open = [k for k in self.open if self.fraction(k) < 1.0]
+        for k in list(self.clean_logit):
+            if not self.pending[k]:
+                del self.clean_logit[k]
+
+        # Blocks fed while final now have final K/V in their slots; after `cache_delay` such forwards they are cached.
+        for b in range(plan.fed_start // B, plan.final_end // B):
+            self.final_count[b] = self.final_count.get(b, 0) + 1
+        while self.cached < plan.final_end and self.final_count.get(self.cached // B, 0) >= self.sched.cache_delay:
+            self.cached += B
+
+        # Open the next block: single-block when the current one is done; multi-block as soon as the last opened one
+        # is `p_add` decoded (one new block per forward at most, bounded by `max_open_blocks`).
+        if not self.open:
+            self._open_next()
+        elif self.sched.block_parallel and len(self.open) < self.sched.max_open_blocks \
+                and self.fraction(self.next_block - 1) >= self.sched.p_add:
+            self._open_next()
+
+        old = self.decoded
+        while self.decoded < self.limit and not self.pending[self.decoded]:
+            self.decoded += 1
+        return old, self.decoded
+
+    def finish(self, n_tokens: int, reason: str, now: float) -> None:
+        self.done, self.n_tokens, self.stop_reason, self.t_end = True, n_tokens, reason, now
+        self.clean_logit.clear()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Generated tokens: the kept ones once done, the decoded prefix before."""
+        n = self.n_tokens if self.done else self.decoded - self.prompt_len
+        return self.toks[self.prompt_len:self.prompt_len + n]

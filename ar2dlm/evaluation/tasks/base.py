@@ -1,0 +1,189 @@
+"""The task interface shared by every benchmark, and reading its records from a file or the Hugging Face hub.
+
+A task turns raw records into `Sample`s (`load`), a sample into the text the model continues (`build_prompt`), and the
+model's continuation into a verdict (`score`, a dict with at least `correct: bool`).
+
+Sources: a local `.jsonl` / `.jsonl.gz` file, or a hub dataset id `name[:config][@split]` loaded with
+`datasets.load_dataset` (imported only then; no network is needed otherwise). A hub id without config or split takes
+the task's defaults when `name` is the task's own dataset. A malformed line is an `Ar2dlmError` naming `file:line`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ar2dlm.errors import Ar2dlmError
+
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str  # the task's own prompt material: a question, a function header, a problem statement
+    reference: str  # the gold answer or solution
+    data: dict = field(default_factory=dict, compare=False)  # task-specific fields (tests, entry point, ...)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _looks_local(source: str) -> bool:
+    return (source.lower().endswith(LOCAL_SUFFIXES + (".json", ".gz")) or Path(source).expanduser().exists()
+            or source.startswith(("/", "./", "../", "~")))
+
+
+def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
+    if not path.is_file():
+        raise Ar2dlmError(f"{path}: data file not found")
+    name = path.name.lower()
+    if not name.endswith(LOCAL_SUFFIXES):
+        raise Ar2dlmError(f"{path}: unsupported data file (use .jsonl or .jsonl.gz)")
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise Ar2dlmError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise Ar2dlmError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except (OSError, EOFError) as e:
+        raise Ar2dlmError(f"{path}: cannot read ({_first_line(e)})") from None
+
+
+def parse_hub_source(source: str, default: tuple[str, str | None, str]) -> tuple[str, str | None, str]:
+    """`name[:config][@split]` -> (name, config, split), filling gaps from `default` = (name, config, split)."""
+    rest, _, split = source.partition("@")
+    name, _, config = rest.partition(":")
+    if not name:
+        raise Ar2dlmError(f"dataset source {source!r}: missing dataset name")
+    same = name == default[0]
+    return name, (config or (default[1] if same else None)), (split or default[2])
+
+
+def _iter_hub(source: str, default: tuple[str, str | None, str]) -> Iterator[tuple[str, object]]:
+    name, config, split = parse_hub_source(source, default)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except ImportError as e:
+        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, bad config/split: one user-facing line
+        raise Ar2dlmError(f"could not load dataset {name!r} (config {config!r}, split {split!r}) from the Hugging "
+                          f"Face hub: {type(e).__name__}: {_first_line(e)}") from None
+    for i, rec in enumerate(ds):
+        yield f"{name}@{split}: row {i}", rec
+
+
+def iter_raw_records(source: str | Path, default_hub: tuple[str, str | None, str]) -> Iterator[tuple[str, object]]:
+    """(location, record) pairs from a local file or a hub dataset; location names file:line or dataset row."""
+    text = str(source).strip()
+    if not text:
+        raise Ar2dlmError("no dataset source given")
+    if isinstance(source, Path) or _looks_local(text):
+        return _iter_local(Path(text).expanduser())
+    return _iter_hub(text, default_hub)
+
+
+def require_fields(where: str, rec: object, fields: dict[str, type | tuple[type, ...]]) -> dict:
+    """Check that `rec` is an object holding `fields` of the given types; one error line naming the location."""
+    if not isinstance(rec, dict):
+        raise Ar2dlmError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key, kind in fields.items():
+        if key not in rec:
+            raise Ar2dlmError(f"{where}: missing field {key!r}")
+        if not isinstance(rec[key], kind):
+            raise Ar2dlmError(f"{where}: field {key!r} has type {type(rec[key]).__name__}")
+    return rec
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat-template rendering of `messages`, ending with the assistant-turn header."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise Ar2dlmError("chat prompts need a tokenizer with a chat template (use chat=False for plain prompts)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class Task(ABC):
+    """A benchmark: where its data lives, how to prompt for a sample, how to score a completion."""
+
+    name: str = ""
+    default_hub: tuple[str, str | None, str] = ("", None, "test")  # (dataset, config, split) on the hub
+    fewshot_hub: tuple[str, str | None, str] | None = None  # where few-shot examples come from by default
+
+    def __init__(self, fewshot_source: str | Path | None = None):
+        # Few-shot examples: the first k records of this source (by default the task's own train/prompt split).
+        self.fewshot_source = fewshot_source
+        self._fewshot_cache: list[Sample] | None = None
+        self._fewshot_more = True  # whether the source may hold more records than the cache
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def parse_record(self, where: str, index: int, rec: object) -> Sample:
+        """One raw record -> a Sample; a malformed record raises Ar2dlmError naming `where`."""
+
+    def load(self, limit: int | None = None, source: str | Path | None = None) -> list[Sample]:
+        """The first `limit` samples (all when None) of `source` (default: the task's hub dataset)."""
+        if limit is not None and limit <= 0:
+            raise Ar2dlmError(f"{self.name}: limit must be positive, got {limit}")
+        default = self.default_hub
+        src = source if source is not None else ":".join(p for p in default[:2] if p) + f"@{default[2]}"
+        return self._read(src, default, limit)
+
+    def _read(self, src, default, limit) -> list[Sample]:
+        samples: list[Sample] = []
+        records = iter_raw_records(src, default)
+        try:
+            for i, (where, rec) in enumerate(records):
+                if limit is not None and len(samples) >= limit:
+                    break
+                samples.append(self.parse_record(where, i, rec))
+        finally:
+            records.close()  # closes the file now when we stop early
+        return samples
+
+    def fewshot_examples(self, k: int, exclude: Sample | None = None) -> list[Sample]:
+        """The first k few-shot records, skipping one that is the sample being asked (same prompt)."""
+        if k < 0:
+            raise Ar2dlmError(f"{self.name}: fewshot must be >= 0, got {k}")
+        if k == 0:
+            return []
+        if self.fewshot_source is None and self.fewshot_hub is None:
+            raise Ar2dlmError(f"{self.name}: few-shot prompting is not supported (use fewshot=0)")
+        need = k + 1
+        if self._fewshot_cache is None or (len(self._fewshot_cache) < need and self._fewshot_more):
+            default = self.fewshot_hub or self.default_hub
+            src = self.fewshot_source
+            if src is None:
+                src = ":".join(p for p in default[:2] if p) + f"@{default[2]}"
+            self._fewshot_cache = self._read(src, default, need)
+            self._fewshot_more = len(self._fewshot_cache) >= need
+        shots = [s for s in self._fewshot_cache if exclude is None or s.prompt != exclude.prompt][:k]
+        if len(shots) < k:
+            raise Ar2dlmError(f"{self.name}: asked for {k} few-shot examples, the few-shot source has {len(shots)}")
+        return shots
+
+    # -- prompting and scoring ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_prompt(self, sample: Sample, tokenizer=None, chat: bool = True, fewshot: int = 0) -> str:
+        """The text the model continues (rendered with the tokenizer's chat template when `chat`)."""
+
+    def stop_sequences(self, chat: bool = True) -> tuple[str, ...]:
+        """Strings at which a generator may stop early; `score` cuts at them too, so stopping is optional."""
+        return ()
+
+    @abstractmethod
+    def score(self, sample: Sample, completion: str) -> dict:
+        """Verdict on the model's continuation of `build_prompt(sample)`: at least {'correct': bool}."""
