@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: trainable weights, optimizer, scheduler, RNG and data position, written atomically.
+"""Resumable training checkpoints: trainable weights, optimizer, RNG and data position, written atomically.
 
 A checkpoint is one folder (`<output>/checkpoint`) replaced as a whole, so a run killed at any moment leaves either
 the previous complete checkpoint or the new one. It is an internal artefact for `--resume`; the product of a run is
@@ -38,8 +38,7 @@ def _optimizer_state(module: nn.Module, optimizer, fsdp: bool) -> dict:
     return optimizer.state_dict()
 
 
-def save(folder: Path, *, module: nn.Module, optimizer, scheduler, trainer_state: dict, fsdp: bool,
-         is_main: bool) -> None:
+def save(folder: Path, *, module: nn.Module, optimizer, trainer_state: dict, fsdp: bool, is_main: bool) -> None:
     """Write the checkpoint (collective under FSDP: every rank must call it; only the main rank writes)."""
     model_state = _trainable_state(module, fsdp)
     optim_state = _optimizer_state(module, optimizer, fsdp)
@@ -48,7 +47,6 @@ def save(folder: Path, *, module: nn.Module, optimizer, scheduler, trainer_state
     state = {
         "model": model_state,
         "optimizer": optim_state,
-        "scheduler": scheduler.state_dict(),
         "trainer": trainer_state,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -61,7 +59,7 @@ def exists(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
 
 
-def load(folder: Path, *, module: nn.Module, optimizer, scheduler, fsdp: bool) -> dict:
+def load(folder: Path, *, module: nn.Module, optimizer, fsdp: bool) -> dict:
     """Restore everything saved by `save` into live objects; returns the trainer state."""
     path = folder / STATE_FILE
     if not path.is_file():
@@ -83,7 +81,6 @@ def load(folder: Path, *, module: nn.Module, optimizer, scheduler, fsdp: bool) -
             raise Ar2dlmError(f"checkpoint at {folder} does not match this model ({len(missing)} weights missing)")
         module.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -28,7 +28,7 @@ from ar2dlm.training.config import ConvertConfig
 from ar2dlm.training.data import Batcher, DataConfig, iter_batches, load_examples, split_heldout
 from ar2dlm.training.loss import DiffusionObjective, heldout_metrics, scorable
 from ar2dlm.training.metrics import MetricsLog, plot_loss
-from ar2dlm.training.optim import build_optimizer, build_scheduler
+from ar2dlm.training.optim import build_optimizer, lr_factor, progress, set_lr
 from ar2dlm.utils.files import write_json
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,6 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     objective = DiffusionObjective(dlm)
     model = distributed.wrap(objective, info, device, cfg.fsdp, decoder_layers=dlm.backbone.get_decoder().layers)
     optimizer = build_optimizer(objective, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     pad_id = tokenizer.pad_token_id
     batcher = Batcher(train_ex, cfg.batch_size, seed=cfg.seed, pad_id=pad_id, rank=info.rank,
                       world_size=info.world_size)
@@ -136,7 +135,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "before": None}
     if cfg.resume:
-        state = checkpoint.load(ckpt_dir, module=objective, optimizer=optimizer, scheduler=scheduler, fsdp=cfg.fsdp)
+        state = checkpoint.load(ckpt_dir, module=objective, optimizer=optimizer, fsdp=cfg.fsdp)
         batcher.load_state_dict(state["batcher"][info.rank])
         noise_gen.set_state(state["noise_rng"][info.rank])
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if cfg.resume else None)
@@ -151,8 +150,8 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
         batcher_states = _gather(batcher.state_dict(), info)
         noise_states = _gather(noise_gen.get_state(), info)
         trainer_state = {**state, "batcher": batcher_states, "noise_rng": noise_states}
-        checkpoint.save(ckpt_dir, module=objective, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state=trainer_state, fsdp=cfg.fsdp, is_main=info.is_main)
+        checkpoint.save(ckpt_dir, module=objective, optimizer=optimizer, trainer_state=trainer_state, fsdp=cfg.fsdp,
+                        is_main=info.is_main)
 
     batches = iter(batcher)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="convert", disable=not info.is_main, dynamic_ncols=True)
@@ -176,8 +175,13 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
             ce_total += ce.item()
             correct_total += correct.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
+        decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start,
+                         budget_s if cfg.max_minutes else None)
+        lr = cfg.lr * lr_factor(state["step"], cfg.warmup_steps, decay, cfg.min_lr_ratio)
+        if info.enabled:  # wall-clock progress differs by a hair between ranks: all use the main rank's LR
+            lr = distributed.broadcast_object(lr, info)
+        set_lr(optimizer, lr)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         stats = distributed.all_reduce_sum(torch.tensor([ce_total, float(correct_total)], device=device))
@@ -190,7 +194,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
         loss = stats[0].item() / max(n_masked, 1.0)
         acc = stats[1].item() / max(n_masked, 1.0)
         if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
-            metrics.write({"step": state["step"], "loss": loss, "masked_acc": acc, "lr": scheduler.get_last_lr()[0],
+            metrics.write({"step": state["step"], "loss": loss, "masked_acc": acc, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": step_tokens / dt,
                            "elapsed_s": round(state["train_seconds"], 2)})
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{step_tokens / dt:.0f}")
