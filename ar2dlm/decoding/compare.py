@@ -1,6 +1,6 @@
 """`ar2dlm compare`: the AR parent and the dLM answer the same prompts, side by side.
 
-For each prompt: the parent's greedy answer (Hugging Face `generate`), the dLM's answer with the threshold policy,
+For each prompt: the parent's greedy answer (Hugging Face `generate`), the dLM's answer with the threshold policy (cached engine),
 the dLM's tokens per forward (TPF), and whether the two answers agree (exactly, and as a share of matching leading
 tokens). This is the quick sanity check after a conversion; `ar2dlm eval` is the full evaluation.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ar2dlm.decoding.reference import reference_generate
+from ar2dlm.decoding.engine import Engine
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
@@ -98,6 +98,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         prompts = DEFAULT_PROMPTS
     stops = _stop_ids(tokenizer)
     taus = [float(t) for t in cfg.thresholds.split(",")]
+    engine = Engine(dlm, tokenizer)
     rows = []
     for i, prompt in enumerate(prompts):
         ids = _prompt_ids(tokenizer, prompt)
@@ -110,12 +111,11 @@ def run_compare(cfg: CompareConfig) -> dict:
         row = {"prompt": prompt, "ar_text": tokenizer.decode(ar_tokens, skip_special_tokens=True),
                "ar_tokens": len(ar_tokens), "ar_tokens_per_s": len(ar_tokens) / ar_s, "dlm": []}
         for tau in taus:
-            t0 = time.perf_counter()
-            res = reference_generate(dlm, ids, cfg.max_new_tokens, threshold=tau, stop_ids=stops)
-            s = time.perf_counter() - t0
+            res = engine.generate(ids, max_new_tokens=cfg.max_new_tokens, policy="threshold", tau=tau,
+                                  stop_token_ids=stops)
             row["dlm"].append({
                 "threshold": tau, "text": tokenizer.decode(res.tokens, skip_special_tokens=True),
-                "tokens": len(res.tokens), "nfe": res.nfe, "tpf": res.tpf, "tokens_per_s": len(res.tokens) / s,
+                "tokens": len(res.tokens), "nfe": res.nfe, "tpf": res.tpf, "tokens_per_s": res.tokens_per_s,
                 "exact_match": res.tokens == ar_tokens, "leading_agreement": leading_agreement(res.tokens, ar_tokens),
             })
         rows.append(row)
@@ -125,16 +125,20 @@ def run_compare(cfg: CompareConfig) -> dict:
             print(f"    dLM t={d['threshold']:<4}: TPF {d['tpf']:.2f}  {'agree' if d['exact_match'] else 'differ'}  "
                   f"{d['text'][:160]!r}")
 
-    summary = {"model": cfg.model, "base": base_name, "prompts": len(prompts), "per_threshold": []}
-    print(f"\n{'threshold':>9}{'TPF':>7}{'exact agree':>13}{'leading agree':>15}")
+    summary = {"model": cfg.model, "base": base_name, "prompts": len(prompts), "per_threshold": [],
+               "ar_tokens_per_s": sum(r["ar_tokens"] for r in rows) / sum(r["ar_tokens"] / r["ar_tokens_per_s"]
+                                                                         for r in rows)}
+    print(f"\nAR parent (HF generate, greedy): {summary['ar_tokens_per_s']:.1f} tokens/s")
+    print(f"{'threshold':>9}{'TPF':>7}{'tokens/s':>10}{'exact agree':>13}{'leading agree':>15}")
     for k, tau in enumerate(taus):
         tokens = sum(r["dlm"][k]["tokens"] for r in rows)
         nfe = sum(r["dlm"][k]["nfe"] for r in rows)
         exact = sum(r["dlm"][k]["exact_match"] for r in rows) / len(rows)
         lead = sum(r["dlm"][k]["leading_agreement"] for r in rows) / len(rows)
+        secs = sum(r["dlm"][k]["tokens"] / max(r["dlm"][k]["tokens_per_s"], 1e-9) for r in rows)
         summary["per_threshold"].append({"threshold": tau, "tpf": tokens / max(nfe, 1), "exact_agreement": exact,
-                                         "leading_agreement": lead})
-        print(f"{tau:>9}{tokens / max(nfe, 1):>7.2f}{exact:>12.0%}{lead:>14.0%}")
+                                         "leading_agreement": lead, "tokens_per_s": tokens / max(secs, 1e-9)})
+        print(f"{tau:>9}{tokens / max(nfe, 1):>7.2f}{tokens / max(secs, 1e-9):>10.1f}{exact:>12.0%}{lead:>14.0%}")
     result = {"config": asdict(cfg), "summary": summary, "rows": rows}
     if cfg.json_out:
         write_json(cfg.json_out, result)
