@@ -56,6 +56,24 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from ar2dlm.evaluation.report import render_markdown
+    from ar2dlm.evaluation.runner import EvalConfig, run_eval
+
+    cfg = dataclass_from_args(EvalConfig, args)
+    results = run_eval(cfg)
+    sys.stdout.write(render_markdown([results]))
+    print(f"wrote {cfg.output} and {cfg.plot_path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from ar2dlm.evaluation.report import ReportConfig, run_report
+
+    run_report(dataclass_from_args(ReportConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ar2dlm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ar2dlm {__version__}")
@@ -85,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a prompt with the cached decoding engine (text + NFE/TPF/speed)")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=_cmd_generate)
+
+    from ar2dlm.evaluation.runner import EvalConfig
+
+    p = sub.add_parser("eval", help="accuracy (or fidelity to the AR parent) vs TPF and speed over a decode sweep")
+    add_dataclass_args(p, EvalConfig)
+    p.set_defaults(func=_cmd_eval)
+
+    from ar2dlm.evaluation.report import ReportConfig
+
+    p = sub.add_parser("report", help="markdown table and combined plot from `eval` results files")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="results files written by `ar2dlm eval`")
+    add_dataclass_args(p, ReportConfig, skip=("results",))
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
