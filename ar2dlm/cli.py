@@ -32,6 +32,17 @@ def _cmd_bench_train(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from ar2dlm.bench.decode_speed import DecodeBenchConfig, run_decode_bench
+
+    cfg = dataclass_from_args(DecodeBenchConfig, args)
+    run_decode_bench(cfg)
+    written = [p for p in (cfg.json_out, cfg.plot_out) if p]
+    if written:
+        print(f"wrote {' and '.join(written)}", file=sys.stderr)
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars and one-line errors are the interface; silence the libraries' chatter."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -91,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-train", help="training throughput: dLM loss vs plain AR fine-tuning, side by side")
     add_dataclass_args(p, BenchConfig)
     p.set_defaults(func=_cmd_bench_train)
+
+    from ar2dlm.bench.decode_speed import DecodeBenchConfig
+
+    p = sub.add_parser("bench", help="decoding speed: dLM policies vs HF generate and our ar on the AR parent "
+                                     "(tokens/s, NFE, TPF, agreement) at several batch sizes")
+    add_dataclass_args(p, DecodeBenchConfig)
+    p.set_defaults(func=_cmd_bench)
 
     from ar2dlm.decoding.compare import CompareConfig
 

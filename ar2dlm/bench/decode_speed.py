@@ -1,0 +1,441 @@
+"""Decoding speed: a dLM's commit policies against its AR parent, on the same prompts, in one process.
+
+Methods, each run at every batch size over the same prompt token ids (chat template applied when the tokenizer has one):
+  * `hf-generate`: Hugging Face `generate`, greedy, on the AR parent (the plain AR baseline);
+  * `ar-engine`: our cached engine with the `ar` policy on the AR parent wrapped as a block-size-1 dLM (the same
+    model, and the same decoding loop as the dLM policies, one token a forward);
+  * every dLM policy spec (`threshold:0.9`, `entropy:0.5`, `steps:2` = 2 tokens a forward, `ar`), optionally also with
+    multi-block decoding (`+bp`).
+
+Batch size 1 decodes the prompts one at a time; batch size N decodes them in consecutive groups of N (HF generate with
+left padding and an attention mask, the engine with `generate_batch`). Before the timed pass every method decodes the
+first group `warmup` times, untimed; the timed pass then interleaves the methods group by group (rotating which goes
+first) so that machine noise and drifting clocks hit them alike. Wall time is measured around each call with
+`time.perf_counter` (prompts are tokenized beforehand, so it is decoding only).
+
+Counts:
+  * calls: batched forward passes of the model, counted by a hook on it (HF generate: one per generated position of
+    the batch, prefill included);
+  * NFE: forward passes summed over the sequences, a sequence counting only until it has stopped (engine: each
+    result's own count; HF generate: measured by the same hook, which watches the fed tokens for each row's stop);
+  * TPF = generated tokens / NFE (an AR decoder has TPF 1 by construction; here it is measured).
+Agreement is against the AR parent's greedy answers (HF generate, batch size 1): the share of prompts whose answer
+tokens are exactly equal, and the mean leading agreement (common prefix / longer answer).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ar2dlm.decoding.compare import DEFAULT_PROMPTS, _prompt_ids, _stop_ids, _trim, leading_agreement
+from ar2dlm.decoding.engine import DecodeConfig, Engine
+from ar2dlm.decoding.policies import DEFAULT_TAU, POLICIES, make_policy
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.files import write_json
+
+HF_METHOD = "hf-generate"
+AR_METHOD = "ar-engine"
+
+
+# ------------------------------------------------------------------------------------------------- policy specs
+@dataclass(frozen=True)
+class PolicySpec:
+    """One dLM decoding setting of the benchmark: a policy, its parameter, and single- or multi-block decoding."""
+
+    policy: str
+    tau: float | None = None  # threshold / entropy
+    steps_per_forward: int = 2  # steps
+    block_parallel: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.policy in DEFAULT_TAU:
+            base = f"{self.policy}:{self.tau:g}"
+        elif self.policy == "steps":
+            base = f"steps:{self.steps_per_forward}"
+        else:
+            base = self.policy
+        return base + ("+bp" if self.block_parallel else "")
+
+    def decode_config(self, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=max_new_tokens, policy=self.policy, tau=self.tau,
+                            steps_per_forward=self.steps_per_forward, stop_token_ids=stop_ids,
+                            block_parallel=self.block_parallel)
+
+
+def parse_policy_spec(text: str) -> PolicySpec:
+    """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`; a bare name takes the default."""
+    name, sep, value = text.strip().partition(":")
+    name, value = name.strip(), value.strip()
+    if name not in POLICIES:
+        raise Ar2dlmError(f"unknown policy {name!r} in spec {text.strip()!r} (choose from {', '.join(POLICIES)})")
+    if sep and not value:
+        raise Ar2dlmError(f"policy spec {text.strip()!r} has no value after ':'")
+    if name == "ar":
+        if value:
+            raise Ar2dlmError(f"the ar policy takes no value, got {text.strip()!r}")
+        spec = PolicySpec("ar")
+    elif name == "steps":
+        try:
+            k = int(value) if value else 2
+        except ValueError:
+            raise Ar2dlmError(f"steps:K needs an integer K (tokens per forward), got {text.strip()!r}") from None
+        spec = PolicySpec("steps", steps_per_forward=k)
+    else:
+        try:
+            tau = float(value) if value else DEFAULT_TAU[name]
+        except ValueError:
+            raise Ar2dlmError(f"{name}:TAU needs a number, got {text.strip()!r}") from None
+        spec = PolicySpec(name, tau=tau)
+    make_policy(spec.policy, spec.tau, spec.steps_per_forward)  # range checks (tau in [0, 1], entropy >= 0, k >= 1)
+    return spec
+
+
+def parse_policy_specs(text: str, block_parallel_too: bool = False) -> list[PolicySpec]:
+    """Comma-separated specs, duplicates dropped; with `block_parallel_too` each non-ar spec also runs multi-block."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise Ar2dlmError("--policies is empty (e.g. threshold:0.9,entropy:0.5,steps:2)")
+    specs: list[PolicySpec] = []
+    for p in parts:
+        s = parse_policy_spec(p)
+        if s not in specs:
+            specs.append(s)
+    if block_parallel_too:
+        specs += [PolicySpec(s.policy, s.tau, s.steps_per_forward, True) for s in list(specs) if s.policy != "ar"]
+    return specs
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise Ar2dlmError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise Ar2dlmError(f"--batch-sizes must be integers >= 1, got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
+def load_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise Ar2dlmError(f"cannot read prompts from {path}: {e}") from None
+    if not prompts:
+        raise Ar2dlmError(f"no prompts in {path} (one prompt per line)")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class DecodeBenchConfig:
+    model: str = field(metadata={"help": "converted dLM folder"})
+    base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
+    prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
+    policies: str = field(default="threshold:0.9,threshold:0.7,entropy:0.5", metadata={
+        "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar"})
+    batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens per answer at most"})
+    block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
+    warmup: int = field(default=1, metadata={"help": "untimed calls per method and batch size (on the first group)"})
+    device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
+    json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
+    plot_out: str | None = field(default=None, metadata={"help": "also draw tokens/s per method and batch size (PNG)"})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise Ar2dlmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.warmup < 0:
+            raise Ar2dlmError(f"--warmup must be >= 0, got {self.warmup}")
+        self.policy_specs()
+        self.batch_size_list()
+
+    def policy_specs(self) -> list[PolicySpec]:
+        return parse_policy_specs(self.policies, self.block_parallel_too)
+
+    def batch_size_list(self) -> list[int]:
+        return parse_batch_sizes(self.batch_sizes)
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+class _CallCounter:
+    """Counts the forward calls of a module and, when given the stop ids, each row's calls until it has stopped.
+
+    A row counts in the first call of a generate (prefill) and in every later call until a stop token has been fed
+    to it: HF generate feeds each step the tokens produced the step before, so a row that has stopped is still in
+    the batch (fed padding) but no longer counts.
+    """
+
+    def __init__(self, module: torch.nn.Module, stop_ids: tuple[int, ...] | None = None):
+        self.calls = 0
+        self.rows: torch.Tensor | None = None  # per-row calls of the current generate
+        self._done: torch.Tensor | None = None
+        self._stops = torch.tensor(stop_ids, dtype=torch.long) if stop_ids is not None else None
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def start(self) -> None:
+        """Call before each generate: a new batch of rows."""
+        self.rows = self._done = None
+
+    def _hook(self, module, args, kwargs):
+        self.calls += 1
+        if self._stops is None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise Ar2dlmError("cannot count forwards per row: the model was called without input_ids")
+        if self._done is None:
+            self._done = torch.zeros(ids.shape[0], dtype=torch.bool)
+            self.rows = torch.zeros(ids.shape[0], dtype=torch.long)
+        else:
+            self._done |= torch.isin(ids[:, -1].cpu(), self._stops)
+        self.rows += (~self._done).long()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class _Method:
+    name: str
+    kind: str  # "hf" | "engine"
+    run: Callable[[list[list[int]]], list[tuple[list[int], int]]]  # group -> [(answer tokens, NFE)]
+    calls: Callable[[], int]
+    spec: PolicySpec | None = None
+    model: str = ""
+
+
+def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: int, device,
+               model: str) -> _Method:
+    counter = _CallCounter(parent, stop_ids)
+
+    def run(group: list[list[int]]) -> list[tuple[list[int], int]]:
+        width = max(len(ids) for ids in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(group), width), dtype=torch.long)
+        for i, ids in enumerate(group):  # left padding
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        counter.start()
+        out = parent.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=list(stop_ids), pad_token_id=pad_id)
+        answers = [_trim(row, stop_ids) for row in out[:, width:].tolist()]
+        return list(zip(answers, counter.rows.tolist()))
+
+    return _Method(HF_METHOD, "hf", run, lambda: counter.calls, None, model)
+
+
+def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeConfig, spec: PolicySpec | None, model: str,
+                   counter: _CallCounter) -> _Method:
+    """`counter` counts the calls of `dlm`'s decoder (one counter per model: the dLM methods share it)."""
+    engine = Engine(dlm, tokenizer)
+
+    def run(group: list[list[int]]) -> list[tuple[list[int], int]]:
+        return [(r.tokens, r.nfe) for r in engine.generate_batch(group, dcfg)]
+
+    return _Method(name, "engine", run, lambda: counter.calls, spec, model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_pass(methods: list[_Method], groups: list[list[list[int]]], warmup: int, device: torch.device) -> dict:
+    """Warm every method up on the first group, then time them group by group in rotating order."""
+    for m in methods:
+        for _ in range(warmup):
+            m.run(groups[0])
+    out = {m.name: {"answers": [], "nfe": [], "wall_s": 0.0, "calls": 0} for m in methods}
+    for g, group in enumerate(groups):
+        for j in range(len(methods)):
+            m = methods[(g + j) % len(methods)]
+            calls0 = m.calls()
+            _sync(device)
+            t0 = time.perf_counter()
+            res = m.run(group)
+            _sync(device)
+            out[m.name]["wall_s"] += time.perf_counter() - t0
+            out[m.name]["calls"] += m.calls() - calls0
+            out[m.name]["answers"] += [toks for toks, _ in res]
+            out[m.name]["nfe"] += [nfe for _, nfe in res]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- run
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise Ar2dlmError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _load_models(cfg: DecodeBenchConfig, device: torch.device):
+    from ar2dlm.model.dlm import BlockDiffusionLM
+    from ar2dlm.model.loading import load_base
+
+    path = Path(cfg.model).expanduser()
+    if not path.is_dir():
+        raise Ar2dlmError(f"no dLM folder at {cfg.model}")
+    dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=device)
+    base_name = cfg.base or dlm.config.base_model
+    if base_name is None:
+        raise Ar2dlmError(f"the dLM at {cfg.model} does not record its AR parent: pass --base")
+    parent, parent_tok = load_base(base_name, device=device)
+    # A second copy for the engine: wrapping adds the mask token's row, which must not touch HF generate's model.
+    wrapped_backbone, wrapped_tok = load_base(base_name, device=device)
+    wrapped = BlockDiffusionLM.from_base(wrapped_backbone, wrapped_tok, block_size=1).to(device)
+    return dlm.eval(), tokenizer, parent.eval(), parent_tok, wrapped.eval(), wrapped_tok, base_name
+
+
+def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
+    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
+    prompts = load_prompts(cfg.prompts)
+    device = _resolve_device(cfg.device)
+    dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
+
+    prompt_ids = [list(_prompt_ids(tok, p)) for p in prompts]
+    for p, ids in zip(prompts, prompt_ids):
+        if list(_prompt_ids(parent_tok, p)) != ids:
+            raise Ar2dlmError(f"the dLM and its AR parent tokenize the prompt {p[:40]!r} differently")
+    context = getattr(parent.config, "max_position_embeddings", None)
+    longest = max(len(ids) for ids in prompt_ids)
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise Ar2dlmError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                          f"the context window ({context}); use a smaller --max-new-tokens")
+    stops = _stop_ids(tok)
+    pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
+
+    ar_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, policy="ar", stop_token_ids=stops)
+    wrapped_calls, dlm_calls = _CallCounter(wrapped.backbone.get_decoder()), _CallCounter(dlm.backbone.get_decoder())
+    methods = [
+        _hf_method(parent, stops, pad_id, cfg.max_new_tokens, device, base_name),
+        _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_cfg, None, base_name, wrapped_calls),
+    ]
+    for s in specs:
+        methods.append(_engine_method(s.label, dlm, tok, s.decode_config(cfg.max_new_tokens, stops), s, cfg.model,
+                                      dlm_calls))
+
+    passes: dict[int, dict] = {}
+    for bs in batch_sizes:
+        groups = [prompt_ids[i:i + bs] for i in range(0, len(prompt_ids), bs)]
+        t0 = time.perf_counter()
+        passes[bs] = _time_pass(methods, groups, cfg.warmup, device)
+        print(f"batch {bs}: {len(prompts)} prompts in {len(groups)} group(s), {len(methods)} methods, "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if 1 in passes:
+        reference = passes[1][HF_METHOD]["answers"]
+    else:  # the parent's own greedy answers, one prompt at a time (untimed)
+        reference = [methods[0].run([ids])[0][0] for ids in prompt_ids]
+
+    rows = []
+    for bs in batch_sizes:
+        for m in methods:
+            r = passes[bs][m.name]
+            answers, nfe = r["answers"], sum(r["nfe"])
+            n_tok = sum(len(a) for a in answers)
+            exact = [a == ref for a, ref in zip(answers, reference)]
+            lead = [leading_agreement(a, ref) for a, ref in zip(answers, reference)]
+            rows.append({
+                "method": m.name, "kind": m.kind, "on": "AR" if m.spec is None else "dLM", "model": m.model,
+                "policy": m.spec.policy if m.spec else ("ar" if m.kind == "engine" else "hf-greedy"),
+                "tau": m.spec.tau if m.spec else None,
+                "steps_per_forward": m.spec.steps_per_forward if m.spec and m.spec.policy == "steps" else None,
+                "block_parallel": bool(m.spec and m.spec.block_parallel), "batch_size": bs,
+                "tokens": n_tok, "wall_s": r["wall_s"], "tokens_per_s": n_tok / r["wall_s"] if r["wall_s"] else 0.0,
+                "calls": r["calls"], "nfe": nfe, "tpf": n_tok / nfe if nfe else 0.0,
+                "exact_agreement": sum(exact) / len(exact), "leading_agreement": sum(lead) / len(lead),
+                "per_prompt": [{"tokens": len(a), "nfe": n, "exact": e, "leading": ld,
+                                "text": tok.decode(a, skip_special_tokens=True)}
+                               for a, n, e, ld in zip(answers, r["nfe"], exact, lead)],
+            })
+    for row in rows:
+        same = {r["method"]: r for r in rows if r["batch_size"] == row["batch_size"]}
+        for key, name in (("vs_hf", HF_METHOD), ("vs_ar", AR_METHOD)):
+            base = same[name]["tokens_per_s"]
+            row[key] = row["tokens_per_s"] / base if base else None
+
+    result = {
+        "config": asdict(cfg), "model": cfg.model, "base": base_name, "block_size": dlm.config.block_size,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.machine(), "prompts": prompts,
+        "prompt_tokens": [len(ids) for ids in prompt_ids], "methods": [m.name for m in methods], "rows": rows,
+    }
+    print(format_table(result))
+    if cfg.json_out:
+        write_json(cfg.json_out, result)
+    if cfg.plot_out:
+        plot_decode_bench(result, cfg.plot_out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def format_table(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"dLM {result['model']} (block {result['block_size']}) vs AR parent {result['base']}",
+        f"{len(result['prompts'])} prompts, <= {cfg['max_new_tokens']} new tokens, {result['device']}, "
+        f"{result['threads']} thread(s), warmup {cfg['warmup']}; agreement vs {HF_METHOD} at batch 1",
+        f"{'batch':>5}  {'on':<4}{'method':<20}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'calls':>7}{'NFE':>7}{'TPF':>6}"
+        f"{'x HF':>7}{'x ar':>7}{'exact':>7}{'lead':>6}",
+    ]
+    last = None
+    for r in result["rows"]:
+        if last is not None and r["batch_size"] != last:
+            lines.append("")
+        last = r["batch_size"]
+        vs_hf, vs_ar = (f"{v:.2f}" if v is not None else "-" for v in (r["vs_hf"], r["vs_ar"]))
+        lines.append(
+            f"{r['batch_size']:>5}  {r['on']:<4}{r['method']:<20}{r['tokens']:>7}{r['wall_s']:>9.2f}"
+            f"{r['tokens_per_s']:>9.1f}{r['calls']:>7}{r['nfe']:>7}{r['tpf']:>6.2f}{vs_hf:>7}{vs_ar:>7}"
+            f"{r['exact_agreement']:>7.0%}{r['leading_agreement']:>6.0%}")
+    return "\n".join(lines)
+
+
+def plot_decode_bench(result: dict, path: str | Path) -> None:
+    """Grouped bars: tokens/s per method (groups) and batch size (bars), each bar annotated with its TPF."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ar2dlm.utils.files import atomic_write
+
+    methods = result["methods"]
+    sizes = sorted({r["batch_size"] for r in result["rows"]})
+    by_key = {(r["method"], r["batch_size"]): r for r in result["rows"]}
+    fig = Figure(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(sizes)) ** 0.5 + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(sizes)
+    top = max(r["tokens_per_s"] for r in result["rows"]) or 1.0
+    for j, bs in enumerate(sizes):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(methods))]
+        vals = [by_key[(m, bs)]["tokens_per_s"] for m in methods]
+        bars = ax.bar(xs, vals, width, label=f"batch {bs}")
+        for bar, m in zip(bars, methods):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01 * top,
+                    f"TPF {by_key[(m, bs)]['tpf']:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(range(len(methods)))
+    on = {r["method"]: r["on"] for r in result["rows"]}
+    ax.set_xticklabels([f"{m} ({on[m]})" if on[m] == "AR" else m for m in methods], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("generated tokens/s")
+    ax.set_ylim(0, top * 1.25)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(str(result['model'])).name} (block {result['block_size']}) vs {Path(str(result['base'])).name}"
+                 f": {len(result['prompts'])} prompts, {result['device']}, {result['threads']} thread(s)", fontsize=9)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
