@@ -28,7 +28,6 @@ A malformed record is an `Ar2dlmError` naming the file and line (`path:line: ...
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.records import first_line, iter_jsonl, iter_jsonl_file, read_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -98,43 +98,18 @@ class _Record:
 # Reading records
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:300]
-
-
-def _iter_jsonl(path: Path, lines) -> Iterator[tuple[str, object]]:
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise Ar2dlmError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
-def _read_text_lines(path: Path, opener=open) -> list[str]:
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise Ar2dlmError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError) as e:
-        raise Ar2dlmError(f"{path}: cannot read ({_first_line(e)})") from None
-
-
 def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
     name = path.name.lower()
     if name.endswith(".jsonl.gz"):
-        yield from _iter_jsonl(path, _read_text_lines(path, gzip.open))
+        yield from iter_jsonl_file(path)
     elif name.endswith(".jsonl"):
-        yield from _iter_jsonl(path, _read_text_lines(path))
+        yield from iter_jsonl_file(path)
     elif name.endswith(".json"):
-        lines = _read_text_lines(path)
+        lines = read_text_lines(path)
         try:
             obj = json.loads("\n".join(lines))
         except json.JSONDecodeError:
-            yield from _iter_jsonl(path, lines)  # JSON lines under a .json name; errors name the line
+            yield from iter_jsonl(path, lines)  # JSON lines under a .json name; errors name the line
             return
         if isinstance(obj, dict):
             lists = [v for v in obj.values() if isinstance(v, list)]
@@ -151,14 +126,14 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
 
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
-            raise Ar2dlmError(f"{path}: cannot read parquet ({_first_line(e)})") from None
+            raise Ar2dlmError(f"{path}: cannot read parquet ({first_line(e)})") from None
         for batch in table.to_batches():
             for rec in batch.to_pylist():
                 yield "", rec
     elif name.endswith(".txt"):
         para: list[str] = []
         start = 0
-        for i, line in enumerate([*_read_text_lines(path), ""], 1):
+        for i, line in enumerate([*read_text_lines(path), ""], 1):
             if line.strip():
                 if not para:
                     start = i
@@ -184,11 +159,11 @@ def _iter_hub(source: str) -> Iterator[tuple[str, object]]:
 
         ds = datasets.load_dataset(name, config, split=split)
     except ImportError as e:
-        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({_first_line(e)})") from None
+        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - network, auth, unknown id, bad config/split: all one user-facing line
         raise Ar2dlmError(
             f"could not load dataset {source!r} (name {name!r}, config {config!r}, split {split!r}) from the "
-            f"Hugging Face hub: {type(e).__name__}: {_first_line(e)}"
+            f"Hugging Face hub: {type(e).__name__}: {first_line(e)}"
         ) from None
     for rec in ds:
         yield "", rec
@@ -317,7 +292,7 @@ def _chat_spans(tokenizer, messages: list[dict], where: str, specials: list[str]
     try:
         full = _render(tokenizer, messages, False)
     except Exception as e:  # noqa: BLE001 - jinja errors, template-specific role checks
-        raise Ar2dlmError(f"{where}: the tokenizer's chat template rejected this conversation ({_first_line(e)})") \
+        raise Ar2dlmError(f"{where}: the tokenizer's chat template rejected this conversation ({first_line(e)})") \
             from None
     spans, cursor = [], 0
     for i, m in enumerate(messages):

@@ -10,14 +10,13 @@ the task's defaults when `name` is the task's own dataset. A malformed line is a
 
 from __future__ import annotations
 
-import gzip
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.records import first_line, iter_jsonl_file
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -28,11 +27,6 @@ class Sample:
     prompt: str  # the task's own prompt material: a question, a function header, a problem statement
     reference: str  # the gold answer or solution
     data: dict = field(default_factory=dict, compare=False)  # task-specific fields (tests, entry point, ...)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _looks_local(source: str) -> bool:
@@ -46,20 +40,7 @@ def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
     name = path.name.lower()
     if not name.endswith(LOCAL_SUFFIXES):
         raise Ar2dlmError(f"{path}: unsupported data file (use .jsonl or .jsonl.gz)")
-    opener = gzip.open if name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise Ar2dlmError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise Ar2dlmError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (OSError, EOFError) as e:
-        raise Ar2dlmError(f"{path}: cannot read ({_first_line(e)})") from None
+    yield from iter_jsonl_file(path)
 
 
 def parse_hub_source(source: str, default: tuple[str, str | None, str]) -> tuple[str, str | None, str]:
@@ -79,10 +60,10 @@ def _iter_hub(source: str, default: tuple[str, str | None, str]) -> Iterator[tup
 
         ds = datasets.load_dataset(name, config, split=split)
     except ImportError as e:
-        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({_first_line(e)})") from None
+        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - offline, unknown id, bad config/split: one user-facing line
         raise Ar2dlmError(f"could not load dataset {name!r} (config {config!r}, split {split!r}) from the Hugging "
-                          f"Face hub: {type(e).__name__}: {_first_line(e)}") from None
+                          f"Face hub: {type(e).__name__}: {first_line(e)}") from None
     for i, rec in enumerate(ds):
         yield f"{name}@{split}: row {i}", rec
 
