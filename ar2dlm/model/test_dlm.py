@@ -432,3 +432,30 @@ def test_from_pretrained_rejects_plain_causal_lm_and_missing_folder(tmp_path):
         BlockDiffusionLM.from_pretrained(folder)
     with pytest.raises(Ar2dlmError, match="no dLM checkpoint"):
         BlockDiffusionLM.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("token_shift", [True, False])
+@pytest.mark.parametrize("masked_positions", [(9, 11), (8, 9, 10, 11), (8,), (10,)])
+def test_training_and_decoding_see_the_same_thing(token_shift, masked_positions):
+    """The logits the loss trains at a masked position are exactly what the decoder computes there.
+
+    Training: the [noisy | clean] layout with the last block partially masked. Decoding: the plain sequence up to the
+    end of that block, block-causal attention, the same tokens masked. Any mismatch (a shifted target, a wrong
+    attention rule) would train the model for a situation the decoder never creates.
+    """
+    from ar2dlm.model.attention import block_causal_mask
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=3, vocab_size=len(tok))
+    dlm = BlockDiffusionLM.from_base(model, tok, block_size=4, token_shift=token_shift).eval()
+    torch.manual_seed(0)
+    clean = torch.randint(0, len(tok) - 1, (1, 12))
+    masked = torch.zeros(1, 12, dtype=torch.bool)
+    masked[0, list(masked_positions)] = True
+    noisy = torch.where(masked, dlm.config.mask_token_id, clean)
+    with torch.no_grad():
+        train_logits, targets = dlm.diffusion_logits(noisy, clean, masked)
+        decode_logits, _ = dlm(noisy, attention_mask=block_causal_mask(12, 4), position_ids=torch.arange(12)[None])
+    rows = [p - 1 if token_shift else p for p in masked_positions]
+    torch.testing.assert_close(train_logits, decode_logits[0, rows], atol=1e-5, rtol=1e-5)
+    assert torch.equal(targets, clean[0, list(masked_positions)])
