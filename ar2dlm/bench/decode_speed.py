@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ar2dlm.decoding.compare import DEFAULT_PROMPTS, _prompt_ids, _stop_ids, _trim, leading_agreement
+from ar2dlm.decoding.compare import DEFAULT_PROMPTS, leading_agreement, trim_at_stop
+from ar2dlm.decoding.engine import default_stop_ids, encode_prompt
 from ar2dlm.decoding.engine import DecodeConfig, Engine
 from ar2dlm.decoding.policies import DEFAULT_TAU, POLICIES, make_policy
 from ar2dlm.errors import Ar2dlmError
@@ -231,7 +232,7 @@ def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: i
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
             no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=list(stop_ids), pad_token_id=pad_id)
-        answers = [_trim(row, stop_ids) for row in out[:, width:].tolist()]
+        answers = [trim_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
         return list(zip(answers, counter.rows.tolist()))
 
     return _Method(HF_METHOD, "hf", run, lambda: counter.calls, None, model)
@@ -307,16 +308,16 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     device = _resolve_device(cfg.device)
     dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
 
-    prompt_ids = [list(_prompt_ids(tok, p)) for p in prompts]
+    prompt_ids = [encode_prompt(tok, p, chat=bool(getattr(tok, "chat_template", None))) for p in prompts]
     for p, ids in zip(prompts, prompt_ids):
-        if list(_prompt_ids(parent_tok, p)) != ids:
+        if encode_prompt(parent_tok, p, chat=bool(getattr(parent_tok, "chat_template", None))) != ids:
             raise Ar2dlmError(f"the dLM and its AR parent tokenize the prompt {p[:40]!r} differently")
     context = getattr(parent.config, "max_position_embeddings", None)
     longest = max(len(ids) for ids in prompt_ids)
     if context is not None and longest + cfg.max_new_tokens > context:
         raise Ar2dlmError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                           f"the context window ({context}); use a smaller --max-new-tokens")
-    stops = _stop_ids(tok)
+    stops = default_stop_ids(tok)
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 
     ar_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, policy="ar", stop_token_ids=stops)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ar2dlm.decoding.engine import Engine
+from ar2dlm.decoding.engine import Engine, default_stop_ids, encode_prompt
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
@@ -51,19 +51,8 @@ class CompareConfig:
             raise Ar2dlmError("--max-new-tokens must be >= 1")
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
-def _stop_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return tuple(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
-
-
-def _trim(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
+def trim_at_stop(tokens: list[int], stops) -> list[int]:
+    """The tokens up to and including the first stop token."""
     for i, t in enumerate(tokens):
         if t in stops:
             return tokens[: i + 1]
@@ -96,18 +85,19 @@ def run_compare(cfg: CompareConfig) -> dict:
             raise Ar2dlmError(f"cannot read prompts: {e}") from None
     else:
         prompts = DEFAULT_PROMPTS
-    stops = _stop_ids(tokenizer)
+    stops = default_stop_ids(tokenizer)
+    chat = bool(getattr(tokenizer, "chat_template", None))
     taus = [float(t) for t in cfg.thresholds.split(",")]
     engine = Engine(dlm, tokenizer)
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, prompt, chat=chat)
         t0 = time.perf_counter()
         out = parent.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=list(stops),
                               pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
         ar_s = time.perf_counter() - t0
-        ar_tokens = _trim(out[0, len(ids):].tolist(), stops)
+        ar_tokens = trim_at_stop(out[0, len(ids):].tolist(), stops)
         row = {"prompt": prompt, "ar_text": tokenizer.decode(ar_tokens, skip_special_tokens=True),
                "ar_tokens": len(ar_tokens), "ar_tokens_per_s": len(ar_tokens) / ar_s, "dlm": []}
         for tau in taus:

@@ -137,6 +137,17 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def default_stop_ids(tokenizer=None, hf_config=None) -> tuple[int, ...]:
+    """The tokenizer's EOS and end-of-turn (`<|im_end|>`) ids; without a tokenizer, the model config's EOS."""
+    if tokenizer is not None:
+        ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        ids.discard(tokenizer.unk_token_id)
+    else:
+        eos = getattr(hf_config, "eos_token_id", None)
+        ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -186,14 +197,7 @@ class Engine:
     def _stop_ids(self, cfg: DecodeConfig) -> set[int]:
         if cfg.stop_token_ids is not None:
             return set(cfg.stop_token_ids)
-        ids = set()
-        if self.tokenizer is not None:
-            ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-            ids.discard(self.tokenizer.unk_token_id)
-        else:
-            eos = getattr(self.dlm.hf_config, "eos_token_id", None)
-            ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        return {i for i in ids if isinstance(i, int)}
+        return set(default_stop_ids(self.tokenizer, self.dlm.hf_config))
 
     def _stream(self, prompts: list[list[int]], cfg: DecodeConfig):
         run = self._run(prompts, cfg)
