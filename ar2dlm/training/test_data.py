@@ -10,25 +10,12 @@ import pytest
 import torch
 
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.testing import tiny_tokenizer
 from ar2dlm.training import data as D
 from ar2dlm.training.data import Batcher, DataConfig, Example, load_examples, load_examples_with_stats, split_heldout
 
 REPO = Path(__file__).resolve().parents[2]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k_train.jsonl"
 EOT = "<|im_end|>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    t = copy.deepcopy(tiny_tokenizer())
-    t.chat_template = None
-    return t
 
 
 def write_jsonl(path, records):

@@ -5,21 +5,9 @@ import pytest
 import torch
 
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.testing import tiny_model
 from ar2dlm.training.data import DataConfig, load_examples
 from ar2dlm.training.selfgen import degenerate_reason, generate_self_corpus, metadata_path, user_turn_prefix
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    t = copy.deepcopy(tiny_tokenizer())
-    t.chat_template = None
-    return t
 
 
 @pytest.fixture(scope="module")
