@@ -156,7 +156,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     batches = iter(batcher)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="convert", disable=not info.is_main, dynamic_ncols=True)
     t_start = time.perf_counter() - state["train_seconds"]
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     stopped_early = False
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
@@ -175,8 +175,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
             ce_total += ce.item()
             correct_total += correct.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
-        decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start,
-                         budget_s if cfg.max_minutes else None)
+        decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start, budget_s)
         lr = cfg.lr * lr_factor(state["step"], cfg.warmup_steps, decay, cfg.min_lr_ratio)
         if info.enabled:  # wall-clock progress differs by a hair between ranks: all use the main rank's LR
             lr = distributed.broadcast_object(lr, info)
@@ -203,7 +202,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
             ev = heldout_metrics(model, heldout, autocast)
             if info.is_main:
                 metrics.write({"step": state["step"], **ev})
-        out_of_time = state["train_seconds"] >= budget_s
+        out_of_time = budget_s is not None and state["train_seconds"] >= budget_s
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps or out_of_time:
             save_checkpoint()
         if os.environ.get("AR2DLM_FAULT_AT_STEP") == str(state["step"]):
