@@ -6,29 +6,25 @@ One path for the data: records -> examples (tokens + which are maskable) -> padd
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import signal
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import cache_dir, load_base, resolve_model_source
-from ar2dlm.training import checkpoint, distributed
+from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig
 from ar2dlm.training.data import Batcher, DataConfig, iter_batches, load_examples, split_heldout
-from ar2dlm.training.loss import DiffusionObjective, heldout_metrics, scorable
-from ar2dlm.training.metrics import MetricsLog, plot_loss
-from ar2dlm.training.optim import build_optimizer, lr_factor, progress, set_lr
+from ar2dlm.training.loss import DiffusionObjective, scorable
+from ar2dlm.training.metrics import plot_loss
+from ar2dlm.training.optim import build_optimizer
+from ar2dlm.training.trainer import Trainer, check_run_folder, gather
 from ar2dlm.utils.files import write_json
 
 log = logging.getLogger(__name__)
@@ -71,6 +67,8 @@ def noised_heldout(heldout, cfg: ConvertConfig, mask_id: int, pad_id: int) -> li
 
 
 class _Noised:
+    """A noised micro-batch in the [noisy | clean] layout, as the trainer consumes it."""
+
     __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths")
 
     def __init__(self, noisy_ids, clean_ids, masked, lengths):
@@ -78,6 +76,17 @@ class _Noised:
 
     def to(self, device):
         return _Noised(*(t.to(device) for t in (self.noisy_ids, self.clean_ids, self.masked, self.lengths)))
+
+    def args(self) -> tuple:
+        return self.noisy_ids, self.clean_ids, self.masked, self.lengths
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.masked.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
 
 
 def _noise(batch, cfg: ConvertConfig, mask_id: int, masking: MaskingConfig, gen) -> _Noised:
@@ -96,23 +105,12 @@ def convert(cfg: ConvertConfig) -> dict:
         distributed.shutdown()
 
 
-def _convert(cfg: ConvertConfig, info, device) -> dict:
-    out = Path(cfg.output)
-    ckpt_dir = out / "checkpoint"
-    if cfg.resume and not checkpoint.exists(ckpt_dir):
-        raise Ar2dlmError(f"--resume given but there is no checkpoint in {ckpt_dir}")
-    if not cfg.resume and checkpoint.exists(ckpt_dir):
-        raise Ar2dlmError(f"{out} already holds a run: pass --resume to continue it, or choose another --output")
-    torch.manual_seed(cfg.seed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-
-    backbone, tokenizer = load_base(cfg.model, dtype=torch.float32)
-    examples = prepare_examples(cfg, backbone, tokenizer, info)
-    train_ex, heldout_ex = split_heldout(examples, cfg.heldout, seed=cfg.seed)
-
-    dlm = BlockDiffusionLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token,
-                                     base_model=resolve_model_source(cfg.model))
-    if cfg.lora_rank:
+def prepare_dlm(cfg, device, backbone, tokenizer, dlm: BlockDiffusionLM | None = None) -> BlockDiffusionLM:
+    """The model to train: a fresh dLM on `backbone` (or the given one), LoRA / checkpointing / backend applied."""
+    if dlm is None:
+        dlm = BlockDiffusionLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token,
+                                         base_model=resolve_model_source(cfg.model))
+    if cfg.lora_rank and not dlm.is_lora:
         dlm.apply_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         dlm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,116 +118,67 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     if device.type == "cuda":
         dlm.set_attention_backend("flex")
     dlm.train()
+    return dlm
 
+
+def _convert(cfg: ConvertConfig, info, device) -> dict:
+    out = Path(cfg.output)
+    check_run_folder(cfg)
+    torch.manual_seed(cfg.seed)
+    backbone, tokenizer = load_base(cfg.model, dtype=torch.float32)
+    dlm = prepare_dlm(cfg, device, backbone, tokenizer)
     objective = DiffusionObjective(dlm)
     model = distributed.wrap(objective, info, device, cfg.fsdp, decoder_layers=dlm.backbone.get_decoder().layers)
-    optimizer = build_optimizer(objective, cfg.lr, cfg.weight_decay)
+    trainer = Trainer(cfg, info=info, device=device, objective=objective, model=model, out=out, desc="convert",
+                      optimizer=build_optimizer(objective, cfg.lr, cfg.weight_decay))
+
+    examples = prepare_examples(cfg, backbone, tokenizer, info)
+    train_ex, heldout_ex = split_heldout(examples, cfg.heldout, seed=cfg.seed)
     pad_id = tokenizer.pad_token_id
     batcher = Batcher(train_ex, cfg.batch_size, seed=cfg.seed, pad_id=pad_id, rank=info.rank,
                       world_size=info.world_size)
     noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     masking = MaskingConfig(strategy=cfg.masking, eps=cfg.mask_eps, half_life=cfg.half_life,
                             complementary=cfg.complementary)
-    heldout = [b.to(device) for b in noised_heldout(heldout_ex, cfg, dlm.config.mask_token_id, pad_id)] \
-        if heldout_ex else []
-
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "before": None}
-    if cfg.resume:
-        state = checkpoint.load(ckpt_dir, module=objective, optimizer=optimizer, fsdp=cfg.fsdp)
-        batcher.load_state_dict(state["batcher"][info.rank])
-        noise_gen.set_state(state["noise_rng"][info.rank])
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if cfg.resume else None)
+    if heldout_ex:
+        trainer.heldout = [b.to(device) for b in noised_heldout(heldout_ex, cfg, dlm.config.mask_token_id, pad_id)]
     if info.is_main:
         write_json(out / "config.json", asdict(cfg))
-    if state["before"] is None:
-        state["before"] = heldout_metrics(model, heldout, autocast) if heldout else {}
-        if info.is_main:
-            metrics.write({"step": 0, **state["before"]})
 
-    def save_checkpoint():
-        batcher_states = _gather(batcher.state_dict(), info)
-        noise_states = _gather(noise_gen.get_state(), info)
-        trainer_state = {**state, "batcher": batcher_states, "noise_rng": noise_states}
-        checkpoint.save(ckpt_dir, module=objective, optimizer=optimizer, trainer_state=trainer_state, fsdp=cfg.fsdp,
-                        is_main=info.is_main)
+    def load_data_state(s):
+        batcher.load_state_dict(s["batcher"])
+        noise_gen.set_state(s["noise_rng"])
 
     batches = iter(batcher)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="convert", disable=not info.is_main, dynamic_ncols=True)
-    t_start = time.perf_counter() - state["train_seconds"]
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    stopped_early = False
-    while state["step"] < cfg.max_steps:
-        t0 = time.perf_counter()
-        micro = [_noise(next(batches), cfg, dlm.config.mask_token_id, masking, noise_gen).to(device)
-                 for _ in range(cfg.grad_accum)]
-        n_masked = distributed.all_reduce_sum(torch.tensor(float(sum(int(m.masked.sum()) for m in micro)),
-                                                           device=device)).item()
-        ce_total, correct_total = 0.0, 0
-        for i, mb in enumerate(micro):
-            sync = contextlib.nullcontext() if (i == len(micro) - 1 or not hasattr(model, "no_sync")) \
-                else model.no_sync()
-            with sync, autocast():
-                ce, correct = model(mb.noisy_ids, mb.clean_ids, mb.masked, mb.lengths)
-                # DDP averages gradients over ranks; scaling by world/n_masked makes it a global per-token mean.
-                (ce * info.world_size / max(n_masked, 1.0)).backward()
-            ce_total += ce.item()
-            correct_total += correct.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip or float("inf"))
-        decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start, budget_s)
-        lr = cfg.lr * lr_factor(state["step"], cfg.warmup_steps, decay, cfg.min_lr_ratio)
-        if info.enabled:  # wall-clock progress differs by a hair between ranks: all use the main rank's LR
-            lr = distributed.broadcast_object(lr, info)
-        set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        stats = distributed.all_reduce_sum(torch.tensor([ce_total, float(correct_total)], device=device))
-        step_tokens = int(distributed.all_reduce_sum(
-            torch.tensor(float(sum(int(m.lengths.sum()) for m in micro)), device=device)).item())
-        state["step"] += 1
-        state["tokens"] += step_tokens
-        dt = time.perf_counter() - t0
-        state["train_seconds"] = time.perf_counter() - t_start
-        loss = stats[0].item() / max(n_masked, 1.0)
-        acc = stats[1].item() / max(n_masked, 1.0)
-        if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
-            metrics.write({"step": state["step"], "loss": loss, "masked_acc": acc, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": step_tokens / dt,
-                           "elapsed_s": round(state["train_seconds"], 2)})
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", tok_s=f"{step_tokens / dt:.0f}")
-        bar.update(1)
-        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and heldout:
-            ev = heldout_metrics(model, heldout, autocast)
-            if info.is_main:
-                metrics.write({"step": state["step"], **ev})
-        out_of_time = budget_s is not None and state["train_seconds"] >= budget_s
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps or out_of_time:
-            save_checkpoint()
-        if os.environ.get("AR2DLM_FAULT_AT_STEP") == str(state["step"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the resume test kills a run exactly here
-        if out_of_time and state["step"] < cfg.max_steps:
-            stopped_early = True
-            log.warning("time budget of %.1f min reached at step %d", cfg.max_minutes, state["step"])
-            break
-    bar.close()
-
-    after = heldout_metrics(model, heldout, autocast) if heldout else {}
-    # equal on every rank when DDP kept them in sync (FSDP ranks hold different shards: nothing to compare)
-    checksums = None if cfg.fsdp else _gather(param_checksum(objective), info)
-    summary = {
-        "model": cfg.model, "output": str(out / "model"), "steps": state["step"], "tokens": state["tokens"],
-        "train_seconds": round(state["train_seconds"], 1), "stopped_early": stopped_early,
-        "heldout_before": state["before"], "heldout_after": after, "dlm": asdict(dlm.config),
-        "lora_rank": cfg.lora_rank, "world_size": info.world_size, "rank_param_checksums": checksums,
-    }
+    after = trainer.run(next_micro=lambda fraction: _noise(next(batches), cfg, dlm.config.mask_token_id, masking,
+                                                           noise_gen),
+                        data_state=lambda: {"batcher": batcher.state_dict(), "noise_rng": noise_gen.get_state()},
+                        load_data_state=load_data_state)
     final = _unsharded(cfg, objective, tokenizer) if (cfg.fsdp and info.enabled) else dlm
+    summary = finish_run(cfg, trainer, after, final, tokenizer, title=f"{Path(cfg.model).name} -> dLM "
+                                                                      f"(B={cfg.block_size})")
     if info.is_main:
-        metrics.write({"step": state["step"], **after})
-        final.save_pretrained(out / "model", tokenizer)
-        plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{Path(cfg.model).name} -> dLM (B={cfg.block_size})")
-        summary["samples"] = fill_in_samples(final, tokenizer, [b.to(final.device) for b in heldout[:1]], n=3)
+        summary["samples"] = fill_in_samples(final, tokenizer, trainer.heldout[:1], n=3)
         write_json(out / "summary.json", summary)
     distributed.barrier()
+    return summary
+
+
+def finish_run(cfg, trainer: Trainer, after: dict, final, tokenizer, title: str) -> dict:
+    """Save the final model and loss plot (main rank) and build the run summary (every rank)."""
+    state, info, out = trainer.state, trainer.info, Path(cfg.output)
+    # equal on every rank when DDP kept them in sync (FSDP ranks hold different shards: nothing to compare)
+    checksums = None if cfg.fsdp else gather(param_checksum(trainer.objective), info)
+    summary = {
+        "model": cfg.model, "output": str(out / "model"), "steps": state["step"], "tokens": state["tokens"],
+        "train_seconds": round(state["train_seconds"], 1), "stopped_early": state.get("stopped_early", False),
+        "heldout_before": state["before"], "heldout_after": after,
+        "dlm": asdict(final.config) if final is not None else None,
+        "lora_rank": cfg.lora_rank, "world_size": info.world_size, "rank_param_checksums": checksums,
+    }
+    if info.is_main:
+        final.save_pretrained(out / "model", tokenizer)
+        plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
     return summary
 
 
@@ -261,17 +210,6 @@ def param_checksum(module) -> float:
         local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 shards: the rank's own piece
         total += local.detach().double().abs().sum().cpu() * (1 + (i % 7) / 10)
     return float(total)
-
-
-def _gather(obj, info) -> list:
-    """Every rank's `obj`, in rank order (data positions and RNG states differ per rank)."""
-    if not info.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    box = [None] * info.world_size
-    dist.all_gather_object(box, obj)
-    return box
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The conversion objective: cross-entropy of the dLM at masked positions, and held-out masked-token accuracy."""
+"""The conversion objective: cross-entropy of the dLM at masked positions (sums; the trainer normalises)."""
 
 from __future__ import annotations
 
@@ -33,24 +33,3 @@ def scorable(maskable: torch.Tensor, token_shift: bool) -> torch.Tensor:
         maskable = maskable.clone()
         maskable[:, 0] = False
     return maskable
-
-
-@torch.no_grad()
-def heldout_metrics(objective: nn.Module, batches, autocast) -> dict:
-    """Masked-token accuracy and loss on pre-noised held-out batches (the same masks before and after training).
-
-    `objective` is the (possibly DDP/FSDP-wrapped) DiffusionObjective: calling the wrapper lets FSDP gather weights.
-    """
-    was_training = objective.training
-    objective.eval()
-    ce, correct, count = 0.0, 0, 0
-    for b in batches:
-        with autocast():
-            s, c = objective(b.noisy_ids, b.clean_ids, b.masked, b.lengths)
-        ce += s.item()
-        correct += c.item()
-        count += int(b.masked.sum())
-    objective.train(was_training)
-    if count == 0:
-        return {"heldout_loss": float("nan"), "heldout_acc": float("nan"), "heldout_tokens": 0}
-    return {"heldout_loss": ce / count, "heldout_acc": correct / count, "heldout_tokens": count}
