@@ -12,8 +12,52 @@ def _opt(default, help: str, **extra):
 
 
 @dataclass
-class ConvertConfig:
-    # what to convert, where to write it
+class TrainConfig:
+    """Optimisation and bookkeeping settings shared by `convert` and `distill`."""
+
+    output: str = _opt("runs/train", "output folder: final model, checkpoints, metrics, plots")
+    lr: float = _opt(1e-4, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = _opt(10, "linear warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    batch_size: int = _opt(4, "sequences per micro-batch per process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_steps: int = _opt(120, "optimizer steps (the schedule's length)")
+    max_minutes: float | None = _opt(None, "stop (and save) after this many minutes of training")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")
+    heldout: int = _opt(32, "examples held out for masked-token accuracy")
+    seed: int = _opt(0, "random seed")
+    log_every: int = _opt(1, "steps between metric lines")
+    eval_every: int = _opt(0, "steps between held-out evaluations (0: only before and after)")
+    save_every: int = _opt(25, "steps between resumable checkpoints")
+    resume: bool = _opt(False, "continue from the checkpoint in the output folder")
+    device: str = _opt("auto", "cpu, cuda or auto")
+
+    def __post_init__(self):
+        checks = [
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be > 0"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.lora_rank >= 0, "--lora-rank must be >= 0"),
+            (self.heldout >= 0, "--heldout must be >= 0"),
+            (self.save_every >= 1, "--save-every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be cpu, cuda or auto"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Ar2dlmError(message)
+
+
+@dataclass
+class ConvertConfig(TrainConfig):
+    # what to convert
     model: str = _opt("smollm2-135m", "base AR model: embedded name, local folder, .gguf file or hub id")
     output: str = _opt("runs/convert", "output folder: final dLM, checkpoints, metrics, plots")
     # the dLM
@@ -29,47 +73,17 @@ class ConvertConfig:
     data: str = _opt("self", "training data: 'self' (the base model writes it), a local file, or a hub dataset id")
     seq_len: int = _opt(256, "tokens per training sequence")
     max_records: int | None = _opt(None, "use at most this many data records")
-    heldout: int = _opt(32, "examples held out for masked-token accuracy")
     self_samples: int = _opt(160, "records the base model writes for data=self")
     self_max_new_tokens: int = _opt(160, "tokens per answer the base model writes for data=self")
     self_answer_temperature: float = _opt(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
-    # optimisation
-    lr: float = _opt(1e-4, "peak learning rate")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = _opt(10, "linear warm-up steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    batch_size: int = _opt(4, "sequences per micro-batch per process")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: int = _opt(120, "optimizer steps (the schedule's length)")
-    max_minutes: float | None = _opt(None, "stop (and save) after this many minutes of training")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = _opt(32, "LoRA alpha")
-    fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")
-    # bookkeeping
-    seed: int = _opt(0, "random seed")
-    log_every: int = _opt(1, "steps between metric lines")
-    eval_every: int = _opt(0, "steps between held-out evaluations (0: only before and after)")
-    save_every: int = _opt(25, "steps between resumable checkpoints")
-    resume: bool = _opt(False, "continue from the checkpoint in the output folder")
-    device: str = _opt("auto", "cpu, cuda or auto")
 
     def __post_init__(self):
+        super().__post_init__()
         checks = [
             (self.block_size >= 1, "--block-size must be >= 1"),
             (self.seq_len >= 2 * self.block_size, "--seq-len must be at least twice the block size"),
             (0 < self.mask_eps < 1, "--mask-eps must be in (0, 1)"),
             (self.half_life > 0, "--half-life must be > 0"),
-            (self.lr > 0, "--lr must be > 0"),
-            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
-            (self.max_steps >= 1, "--max-steps must be >= 1"),
-            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-            (self.lora_rank >= 0, "--lora-rank must be >= 0"),
-            (self.heldout >= 0, "--heldout must be >= 0"),
-            (self.save_every >= 1, "--save-every must be >= 1"),
-            (self.device in ("auto", "cpu", "cuda"), "--device must be cpu, cuda or auto"),
         ]
         for ok, message in checks:
             if not ok:

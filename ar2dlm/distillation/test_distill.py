@@ -1,0 +1,125 @@
+"""`ar2dlm distill` end to end on a tiny model: trajectories, training, outputs, resume, CLI errors; and the loss."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ar2dlm.cli import main
+from ar2dlm.distillation.distill import DistillConfig, distill
+from ar2dlm.distillation.loss import DistillObjective, sharpened_entropy
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.testing import tiny_model, tiny_tokenizer
+
+QUESTIONS = ["What is 2 + 3?", "Natalia sold 48 clips in April. How many?", "add a and b", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    tok = tiny_tokenizer()
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=1, vocab_size=len(tok)), tok, block_size=4)
+    dlm.save_pretrained(root / "dlm", tok)
+    data = root / "data.jsonl"
+    with data.open("w") as f:
+        for i in range(24):
+            q = QUESTIONS[i % 4]
+            f.write(json.dumps({"question": f"{q} ({i})", "answer": f"the answer is {i} #### {i}"}) + "\n")
+    return root
+
+
+def _cfg(student, out, **kw):
+    base = dict(model=str(student / "dlm"), data=str(student / "data.jsonl"), output=str(out), max_steps=4,
+                batch_size=4, heldout=4, warmup_steps=1, lr=1e-3, save_every=2, seq_len=64, teacher_batch_size=8)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_distill_runs_and_writes_everything(student, tmp_path):
+    summary = distill(_cfg(student, tmp_path / "run"))
+    out = tmp_path / "run"
+    assert (out / "trajectories.jsonl").exists() and (out / "loss.png").exists()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "masked_acc", "ce", "entropy", "fraction"} <= set(rows[1])
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["entropy"], r["grad_norm"]])).all() for r in rows if "loss" in r)
+    assert summary["trajectories"] == 24 and summary["steps"] == 4
+    assert summary["heldout_after"]["heldout_tokens"] == summary["heldout_before"]["heldout_tokens"] > 0
+    dlm, _ = BlockDiffusionLM.from_pretrained(out / "model")
+    assert dlm.config.block_size == 4
+    # the trajectory file is reused by a second run (no teacher work), and training changed the weights
+    summary2 = distill(_cfg(student, tmp_path / "run2", trajectories=str(out / "trajectories.jsonl"), max_steps=1))
+    assert summary2["trajectories"] == 24
+    before, _ = BlockDiffusionLM.from_pretrained(student / "dlm")
+    assert not torch.equal(before.backbone.lm_head.weight, dlm.backbone.lm_head.weight)
+
+
+def test_teacher_target_with_grading(student, tmp_path):
+    """A random teacher never writes the right answer: every record is filtered out -> a clear error."""
+    with pytest.raises(Ar2dlmError, match="trajectories"):
+        distill(_cfg(student, tmp_path / "t", target="teacher", grade="gsm8k", teacher_max_new_tokens=8))
+    summary = distill(_cfg(student, tmp_path / "t2", target="teacher", teacher_max_new_tokens=8, max_steps=1))
+    first = json.loads((tmp_path / "t2" / "trajectories.jsonl").read_text().splitlines()[0])
+    assert first["target"] == "teacher" and sum(r >= 0 for r in first["rank"]) <= 8
+    assert summary["steps"] == 1
+
+
+def test_kill_and_resume_is_exact(student, tmp_path):
+    env = {**os.environ, "AR2DLM_FAULT_AT_STEP": "3", "OMP_NUM_THREADS": "1"}
+    args = ["--model", str(student / "dlm"), "--data", str(student / "data.jsonl"), "--max-steps", "4",
+            "--batch-size", "4", "--heldout", "4", "--warmup-steps", "1", "--lr", "1e-3", "--save-every", "2",
+            "--seq-len", "64"]
+    killed = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "k"), *args],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    env.pop("AR2DLM_FAULT_AT_STEP")
+    resumed = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "k"), "--resume",
+                              *args], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "s"), *args],
+                              env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, _ = BlockDiffusionLM.from_pretrained(tmp_path / "k" / "model")
+    b, _ = BlockDiffusionLM.from_pretrained(tmp_path / "s" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_cli_errors(student, tmp_path, capsys):
+    assert main(["distill", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    assert "no dLM checkpoint" in capsys.readouterr().err
+    assert main(["distill", "--model", str(student / "dlm"), "--grade", "gsm8k", "--output", str(tmp_path / "o")]) == 2
+    assert "--target teacher" in capsys.readouterr().err
+    assert main(["distill", "--model", str(student / "dlm"), "--ratio-max", "0", "--output", str(tmp_path / "o")]) == 2
+
+
+def test_entropy_term_only_on_correct_predictions():
+    tok = tiny_tokenizer()
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=2, vocab_size=len(tok)), tok, block_size=4)
+    torch.manual_seed(0)
+    clean = torch.randint(3, len(tok) - 1, (2, 16))
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, 5:] = True
+    noisy = torch.where(masked, dlm.config.mask_token_id, clean)
+    logits, targets = dlm.diffusion_logits(noisy, clean, masked)
+    right = logits.argmax(-1) == targets
+    # make some predictions right: use the model's own argmax as the target for half the rows' positions
+    clean2 = clean.clone()
+    clean2[masked] = torch.where(torch.arange(targets.numel()) % 2 == 0, logits.argmax(-1), targets)
+    loss, correct, ce, ent = DistillObjective(dlm, entropy_weight=2.0, entropy_temperature=0.5)(noisy, clean2, masked)
+    logits2, targets2 = dlm.diffusion_logits(noisy, clean2, masked)
+    right = logits2.argmax(-1) == targets2
+    assert int(correct) == int(right.sum()) > 0
+    expect_ent = sharpened_entropy(logits2[right], 0.5).sum()
+    torch.testing.assert_close(ent, expect_ent)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits2, targets2, reduction="sum"))
+    torch.testing.assert_close(loss, ce + 2.0 * expect_ent)
+    # the entropy term pushes toward sharper distributions: its gradient is non-zero
+    ent.backward()
+    assert dlm.backbone.lm_head.weight.grad.abs().sum() > 0
+    # sharpened entropy is the entropy of softmax(logits / T)
+    x = torch.tensor([[2.0, 0.0, -1.0]])
+    p = (x / 0.5).softmax(-1)
+    torch.testing.assert_close(sharpened_entropy(x, 0.5), -(p * p.log()).sum(-1))
