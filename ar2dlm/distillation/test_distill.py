@@ -123,3 +123,17 @@ def test_entropy_term_only_on_correct_predictions():
     x = torch.tensor([[2.0, 0.0, -1.0]])
     p = (x / 0.5).softmax(-1)
     torch.testing.assert_close(sharpened_entropy(x, 0.5), -(p * p.log()).sum(-1))
+
+
+def test_lora_distillation_saves_an_adapter_on_the_student(student, tmp_path):
+    summary = distill(_cfg(student, tmp_path / "lora", lora_rank=4, max_steps=2))
+    assert summary["lora_rank"] == 4
+    out = tmp_path / "lora" / "model"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    merged, _ = BlockDiffusionLM.from_pretrained(out)
+    before, _ = BlockDiffusionLM.from_pretrained(student / "dlm")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        a, _ = merged(ids)
+        b, _ = before(ids)
+    assert a.shape == b.shape and not torch.allclose(a, b)  # the adapter changed the student, on top of it
