@@ -25,6 +25,15 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from ar2dlm.distillation.distill import DistillConfig, distill
+
+    summary = distill(dataclass_from_args(DistillConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_bench_train(args) -> int:
     from ar2dlm.bench.train_throughput import BenchConfig, run_benchmark
 
@@ -78,6 +87,22 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_ppl(args) -> int:
+    from ar2dlm.evaluation.likelihood import PplConfig, run_ppl, summary_lines
+
+    cfg = dataclass_from_args(PplConfig, args)
+    results = run_ppl(cfg)
+    print("\n".join(summary_lines(results)))
+    print(f"wrote {cfg.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lm_eval(args) -> int:
+    from ar2dlm.evaluation.lm_eval_adapter import run_cli
+
+    return run_cli(args.lm_eval_args)
+
+
 def _cmd_report(args) -> int:
     from ar2dlm.evaluation.report import ReportConfig, run_report
 
@@ -96,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an AR model into a block-diffusion LM (continuous pretraining)")
     add_dataclass_args(p, ConvertConfig)
     p.set_defaults(func=_cmd_convert)
+
+    from ar2dlm.distillation.distill import DistillConfig
+
+    p = sub.add_parser("distill", help="pseudo-trajectory distillation (d3LLM): more tokens per forward")
+    add_dataclass_args(p, DistillConfig)
+    p.set_defaults(func=_cmd_distill)
 
     from ar2dlm.bench.train_throughput import BenchConfig
 
@@ -128,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, EvalConfig)
     p.set_defaults(func=_cmd_eval)
 
+    from ar2dlm.evaluation.likelihood import PplConfig
+
+    p = sub.add_parser("ppl", help="held-out perplexity of the AR parent and the dLM's block-diffusion bound on it")
+    add_dataclass_args(p, PplConfig)
+    p.set_defaults(func=_cmd_ppl)
+
+    # Every argument after `lm-eval` goes to lm_eval's own command line (main() passes the unparsed rest).
+    p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the `ar2dlm` model registered "
+                                                      "(lm_eval's arguments; --model ar2dlm by default)")
+    p.set_defaults(func=_cmd_lm_eval)
+
     from ar2dlm.evaluation.report import ReportConfig
 
     p = sub.add_parser("report", help="markdown table and combined plot from `eval` results files")
@@ -139,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "lm-eval":
+        args.lm_eval_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
