@@ -16,7 +16,7 @@ import torch
 
 from ar2dlm.distillation.loss import DistillObjective
 from ar2dlm.distillation.samples import SampleConfig, build_micro
-from ar2dlm.distillation.trajectories import RANK_BY, read_trajectories, write_trajectories
+from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajectories, write_trajectories
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.training import distributed
@@ -142,6 +142,14 @@ def teacher_answers(teacher: BlockDiffusionLM, tokenizer, cfg: DistillConfig):
     return make
 
 
+def truncate(trajs: list[Trajectory], seq_len: int, block_size: int) -> list[Trajectory]:
+    """Trajectories cut to at most `seq_len` tokens, at a block boundary (so every kept block keeps all its ranks);
+    those left without any generated token are dropped."""
+    keep = max(block_size, seq_len // block_size * block_size)
+    cut = [Trajectory(t.input_ids[:keep], t.rank[:keep]) if len(t) > seq_len else t for t in trajs]
+    return [t for t in cut if any(r >= 0 for r in t.rank)]
+
+
 def prepare_trajectories(cfg: DistillConfig, dlm: BlockDiffusionLM, tokenizer, info) -> list:
     """Trajectories, recorded on the main rank (or read from a given/cached file) and shared with all ranks."""
     trajs = None
@@ -163,7 +171,7 @@ def prepare_trajectories(cfg: DistillConfig, dlm: BlockDiffusionLM, tokenizer, i
             write_trajectories(path, records, teacher, tokenizer.pad_token_id, rank_by=cfg.rank_by, meta=meta,
                                batch_size=cfg.teacher_batch_size, make_targets=make)
             del teacher
-        trajs = read_trajectories(path, dlm.config.block_size)
+        trajs = truncate(read_trajectories(path, dlm.config.block_size), cfg.seq_len, dlm.config.block_size)
         if len(trajs) <= cfg.heldout:
             raise Ar2dlmError(f"only {len(trajs)} trajectories (some answers may have been filtered out): need "
                               f"more than --heldout {cfg.heldout}")

@@ -137,3 +137,15 @@ def test_lora_distillation_saves_an_adapter_on_the_student(student, tmp_path):
         a, _ = merged(ids)
         b, _ = before(ids)
     assert a.shape == b.shape and not torch.allclose(a, b)  # the adapter changed the student, on top of it
+
+
+def test_truncate_cuts_at_a_block_boundary():
+    from ar2dlm.distillation.distill import truncate
+    from ar2dlm.distillation.trajectories import Trajectory
+
+    long = Trajectory(list(range(11)), [-1, -1, 0, 1, 2, 0, 3, 1, 0, 1, 2])
+    short = Trajectory([1, 2, 3], [-1, 0, 1])
+    prompt_only = Trajectory(list(range(9)), [-1] * 8 + [0])
+    out = truncate([long, short, prompt_only], seq_len=7, block_size=4)
+    assert [t.input_ids for t in out] == [[0, 1, 2, 3], [1, 2, 3]]  # 7 -> 4 (whole blocks); prompt-only dropped
+    assert out[0].rank == [-1, -1, 0, 1]
