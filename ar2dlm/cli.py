@@ -76,6 +76,12 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    from ar2dlm.decoding.chat import ChatConfig, run_chat
+
+    return run_chat(dataclass_from_args(ChatConfig, args))
+
+
 def _cmd_eval(args) -> int:
     from ar2dlm.evaluation.report import render_markdown
     from ar2dlm.evaluation.runner import EvalConfig, run_eval
@@ -152,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a prompt with the cached decoding engine (text + NFE/TPF/speed)")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=_cmd_generate)
+
+    from ar2dlm.decoding.chat import ChatConfig
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with streaming and per-answer NFE/TPF/speed "
+                                    "(/reset, /quit)")
+    add_dataclass_args(p, ChatConfig)
+    p.set_defaults(func=_cmd_chat)
 
     from ar2dlm.evaluation.runner import EvalConfig
 

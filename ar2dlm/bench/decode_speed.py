@@ -17,7 +17,9 @@ Counts:
   * calls: batched forward passes of the model, counted by a hook on it (HF generate: one per generated position of
     the batch, prefill included);
   * NFE: forward passes summed over the sequences, a sequence counting only until it has stopped (engine: each
-    result's own count; HF generate: measured by the same hook, which watches the fed tokens for each row's stop);
+    result's own count, the denoising steps of the reference decoder; a step with nothing to feed, whose one masked
+    position reads a stored logit, makes no model call, so a dLM may show fewer calls than NFE at batch size 1;
+    HF generate: measured by the same hook, which watches the fed tokens for each row's stop);
   * TPF = generated tokens / NFE (an AR decoder has TPF 1 by construction; here it is measured).
 Agreement is against the AR parent's greedy answers (HF generate, batch size 1): the share of prompts whose answer
 tokens are exactly equal, and the mean leading agreement (common prefix / longer answer).

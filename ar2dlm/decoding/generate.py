@@ -1,4 +1,7 @@
-"""`ar2dlm generate`: answer one prompt with the cached engine, print the text and a one-line metrics summary."""
+"""`ar2dlm generate`: answer one prompt with the cached engine, print the text and a one-line metrics summary.
+
+`DecodeOptions` (and `ModelOption`) are the command-line options shared with `ar2dlm chat`.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +15,10 @@ from ar2dlm.decoding.policies import POLICIES
 from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, BlockDiffusionLM
 
 
-@dataclass
-class GenerateConfig:
-    model: str = field(metadata={"help": "dLM folder; a plain AR model (folder, .gguf, embedded name) runs as a "
-                                         "block-size-1 dLM"})
-    prompt: str = field(metadata={"help": "prompt text"})
-    chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn with the chat template"})
+@dataclass(kw_only=True)
+class DecodeOptions:
+    """The decoding options of `ar2dlm generate` and `ar2dlm chat`: one definition of each flag, for both."""
+
     policy: str = field(default="threshold", metadata={"help": "commit policy", "choices": list(POLICIES)})
     tau: float | None = field(default=None, metadata={"help": "threshold: confidence (0.9); entropy: nats (0.5)"})
     steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
@@ -31,8 +32,6 @@ class GenerateConfig:
     p_add: float = field(default=0.1, metadata={"help": "open a new block when the last one is this decoded"})
     cache_delay: int = field(default=1, metadata={"help": "forwards before a finished block counts as cached"})
     refresh_every: int = field(default=0, metadata={"help": "recompute the whole cache every N forwards (0: never)"})
-    stream: bool = field(default=False, metadata={"help": "print the text as it is decoded"})
-    json_out: str | None = field(default=None, metadata={"help": "also write text and metrics here"})
 
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(
@@ -42,6 +41,20 @@ class GenerateConfig:
             block_parallel=self.block_parallel, p_add=self.p_add, cache_delay=self.cache_delay,
             refresh_every=self.refresh_every,
         )
+
+
+@dataclass(kw_only=True)
+class ModelOption:
+    model: str = field(metadata={"help": "dLM folder; a plain AR model (folder, .gguf, embedded name) runs as a "
+                                         "block-size-1 dLM (use it with --policy ar)"})
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(DecodeOptions, ModelOption):  # fields in the order ModelOption, DecodeOptions, own
+    prompt: str = field(metadata={"help": "prompt text"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn with the chat template"})
+    stream: bool = field(default=False, metadata={"help": "print the text as it is decoded"})
+    json_out: str | None = field(default=None, metadata={"help": "also write text and metrics here"})
 
 
 def load_for_decoding(spec: str):

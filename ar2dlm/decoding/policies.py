@@ -55,7 +55,7 @@ GREEDY = Sampling()
 class Proposal:
     tokens: torch.Tensor  # [N] candidate token per position
     confidence: torch.Tensor  # [N] probability of that token
-    entropy: torch.Tensor  # [N] entropy (nats) of the distribution it was taken from
+    entropy: torch.Tensor | None  # [N] entropy (nats) of the distribution it was taken from (None: not computed)
 
 
 def _filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -74,8 +74,10 @@ def _filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return probs
 
 
-def propose(logits: torch.Tensor, sampling: Sampling = GREEDY, generator: torch.Generator | None = None) -> Proposal:
-    """Candidate tokens for logits [N, V]. Greedy computes exactly what the reference decoder does (float softmax)."""
+def propose(logits: torch.Tensor, sampling: Sampling = GREEDY, generator: torch.Generator | None = None,
+            entropy: bool = True) -> Proposal:
+    """Candidate tokens for logits [N, V]. Greedy computes exactly what the reference decoder does (float softmax).
+    `entropy` False skips the entropy (a pass over the vocabulary that only the entropy policy reads)."""
     if sampling.greedy:
         probs = logits.float().softmax(-1)
         conf, tok = probs.max(-1)
@@ -83,11 +85,15 @@ def propose(logits: torch.Tensor, sampling: Sampling = GREEDY, generator: torch.
         probs = _filtered_probs(logits, sampling)
         tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
         conf = probs.gather(-1, tok[:, None])[:, 0]
-    return Proposal(tok, conf, torch.special.entr(probs).sum(-1))
+    return Proposal(tok, conf, torch.special.entr(probs).sum(-1) if entropy else None)
 
 
 class Policy(ABC):
     name: str
+    needs_entropy = False  # select() reads Proposal.entropy
+    # select() only ever commits the first candidate it is given: the engine then passes just that one, and need not
+    # compute logits for (or feed) the positions behind it
+    leftmost_only = False
 
     def step(
         self,
@@ -97,7 +103,7 @@ class Policy(ABC):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For the masked positions' logits [N, V]: (commit [N] bool, tokens [N])."""
-        prop = propose(logits, sampling, generator)
+        prop = propose(logits, sampling, generator, entropy=self.needs_entropy)
         return self.select(prop, must_commit), prop.tokens
 
     @abstractmethod
@@ -115,6 +121,7 @@ class ArPolicy(Policy):
     """The leftmost masked position only: the autoregressive baseline inside the same loop (one token a forward)."""
 
     name = "ar"
+    leftmost_only = True
 
     def select(self, prop: Proposal, must_commit: bool) -> torch.Tensor:
         n = prop.tokens.shape[0]
@@ -144,6 +151,7 @@ class EntropyPolicy(Policy):
     """d3LLM: every position whose predictive entropy is < tau (nats); if none, the lowest-entropy one."""
 
     name = "entropy"
+    needs_entropy = True
 
     def __init__(self, tau: float = DEFAULT_TAU["entropy"]):
         if not (tau >= 0 and math.isfinite(tau)):

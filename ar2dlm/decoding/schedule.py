@@ -15,6 +15,16 @@ block-causally. With token shift, a block's first position is predicted by the l
 seen with its final tokens ("clean"); that logit only exists in the forward that feeds the finished previous block,
 so it is kept (`clean_logit`) for the block's later forwards. A later open block (multi-block decoding) whose
 predecessor is not final yet has no clean predictor for its first position, which then simply waits.
+
+Only what some used logit depends on is fed. The plan lists the positions whose logits the commit step will read
+(`logit_pos`: the clean predictor when it is due, and the predictor of every still-masked position that can commit),
+and the fed range ends with the last block holding one of them: open blocks after it cannot influence those logits
+(attention is block-causal) and their keys/values are recomputed anyway before anything reads them. So with block
+size 1 and token shift (an AR model run by the engine) a forward feeds just the token committed by the previous one,
+exactly like an AR decoder; a policy that only ever commits the leftmost masked position (`ar`) feeds no open block
+while that position is a block start predicted by the clean logit; and a forward that needs nothing (the one masked
+position left is a block start whose clean logit is stored, and no final block is waiting to be cached) feeds
+nothing at all. None of this changes a logit that is used, so tokens and NFE stay those of the reference decoder.
 """
 
 from __future__ import annotations
@@ -41,19 +51,24 @@ class Schedule:
 @dataclass
 class Plan:
     fed_start: int  # first fed position (= first uncached slot, or 0 on a full-cache refresh)
-    fed_end: int  # end of the last opened block
+    fed_end: int  # end of the fed range: the end of the last block holding a needed logit, at least final_end
     final_end: int  # fed blocks below this are complete at the input of this forward
-    logit_lo: int  # first position whose logit this forward needs (logits are computed for [logit_lo, fed_end))
+    logit_pos: list[int]  # positions whose logits this forward must return, ascending (all inside the fed range)
+
+    @property
+    def fed(self) -> int:
+        return self.fed_end - self.fed_start
 
 
 class RowState:
     """One sequence being generated."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, block_size: int, mask_id: int,
-                 token_shift: bool, schedule: Schedule):
+                 token_shift: bool, schedule: Schedule, leftmost_only: bool = False):
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
         self.bsz, self.mask_id, self.shift, self.sched = block_size, mask_id, token_shift, schedule
+        self.leftmost_only = leftmost_only  # the policy only ever commits the leftmost candidate (`ar`)
         self.toks = list(prompt_ids) + [mask_id] * max_new_tokens
         # Tracked apart from the token value so a prompt that happens to contain the mask id is never "masked".
         self.pending = [False] * self.prompt_len + [True] * max_new_tokens
@@ -92,40 +107,58 @@ class RowState:
     def plan(self) -> Plan:
         refresh = self.sched.refresh_every and self.nfe and self.nfe % self.sched.refresh_every == 0
         fed_start = 0 if refresh else self.cached
-        fed_end = min(self.next_block * self.bsz, self.limit)
         final_end = self.open[0] * self.bsz
-        logit_lo = max(fed_start, final_end - 1) if self.shift else final_end
-        return Plan(fed_start, fed_end, final_end, logit_lo)
+        need = []
+        # The clean predictor of the first open block's first position, when it is due (this forward feeds it).
+        due = None
+        if (self.shift and fed_start < final_end < self.limit and self.pending[final_end]
+                and final_end not in self.clean_logit):
+            due = final_end
+            need.append(final_end - 1)
+        for _, m in self._candidates(due):
+            if not (self.shift and m % self.bsz == 0):  # a block start reads the clean logit
+                need.append(m - 1 if self.shift else m)
+        fed_end = final_end
+        if need and need[-1] >= final_end:
+            fed_end = min((need[-1] // self.bsz + 1) * self.bsz, self.limit)
+        return Plan(fed_start, fed_end, final_end, need)
 
-    def apply(self, plan: Plan, logits: torch.Tensor, policy: Policy, sampling: Sampling,
+    def _candidates(self, due: int | None = None):
+        """(block, position) of the masked positions that may commit, left to right: every one of an open block
+        except a block start with no clean predictor (stored, or `due` from this forward); with `leftmost_only`
+        just the first."""
+        for k in self.open:
+            start, end = self.span(k)
+            for m in range(start, end):
+                if not self.pending[m]:
+                    continue
+                if self.shift and m % self.bsz == 0 and m != due and m not in self.clean_logit:
+                    continue  # predecessor not final yet: nothing predicts m properly, it waits
+                yield k, m
+                if self.leftmost_only:
+                    return
+
+    def apply(self, plan: Plan, logits: torch.Tensor | None, policy: Policy, sampling: Sampling,
               generator: torch.Generator | None, now: float) -> tuple[int, int]:
-        """Commit from this forward's logits (rows for positions [logit_lo, fed_end)); returns the decoded prefix
-        (old end, new end) so the caller can look for stop tokens/strings in what just became final."""
+        """Commit from this forward's logits (one row per position of `plan.logit_pos`, in order); returns the
+        decoded prefix (old end, new end) so the caller can look for stop tokens/strings in what just became final."""
         self.nfe += 1
-        lo, B = plan.logit_lo, self.bsz
-        if self.shift and lo <= plan.final_end - 1 and plan.final_end < self.limit:
+        B = self.bsz
+        row_of = {p: j for j, p in enumerate(plan.logit_pos)}
+        if self.shift and plan.final_end - 1 in row_of:
             # the clean predictor of the first open block's first position; kept for its later forwards
-            self.clean_logit[plan.final_end] = logits[plan.final_end - 1 - lo].clone()
+            self.clean_logit[plan.final_end] = logits[row_of[plan.final_end - 1]].clone()
         # "Fully active" is decided on the input state: the block's predecessor is (almost) done.
         for i, k in enumerate(self.open):
             if i == 0 or self.fraction(k - 1) >= self.sched.activate_ratio:
                 self.fully_active.add(k)
         committed = False
-        for k in self.open:
-            start, end = self.span(k)
-            rows, where = [], []
-            for m in range(start, end):
-                if not self.pending[m]:
-                    continue
-                if self.shift and m % B == 0:
-                    if m not in self.clean_logit:  # predecessor not final yet: nothing predicts m properly
-                        continue
-                    rows.append(self.clean_logit[m])
-                else:
-                    rows.append(logits[(m - 1 if self.shift else m) - lo])
-                where.append(m)
-            if not where:
-                continue
+        by_block: dict[int, list[int]] = {}
+        for k, m in self._candidates():
+            by_block.setdefault(k, []).append(m)
+        for k, where in by_block.items():
+            rows = [self.clean_logit[m] if self.shift and m % B == 0 else logits[row_of[m - 1 if self.shift else m]]
+                    for m in where]
             commit, tokens = policy.step(torch.stack(rows), k in self.fully_active, sampling, generator)
             for m, c, t in zip(where, commit.tolist(), tokens.tolist()):
                 if c:

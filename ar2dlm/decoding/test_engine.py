@@ -12,7 +12,7 @@ from ar2dlm.decoding.policies import (ArPolicy, EntropyPolicy, Proposal, Samplin
                                       make_policy, propose)
 from ar2dlm.decoding.reference import reference_generate
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
 from ar2dlm.testing import tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):"]  # 12, 11 and 9 tokens
@@ -20,7 +20,11 @@ PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):"]  # 12, 11 a
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    """The tiny tokenizer with the mask token already added, so that every test (in any order, alone or not) builds
+    its models with the same vocabulary size."""
+    t = tiny_tokenizer()
+    add_mask_token(tiny_model("llama", vocab_size=len(t)), t)
+    return t
 
 
 def _dlm(tok, block_size=4, token_shift=True, peaked=True, seed=0):
@@ -66,6 +70,114 @@ def test_engine_feeds_only_new_blocks_after_prefill(tok):
     assert len(fed) == res.nfe
     assert fed[0] == 16  # prefill of the prompt blocks + the first block's first step, in one forward
     assert max(fed[1:]) <= 8 and min(fed[1:]) == 4
+
+
+def _record_forwards(engine, monkeypatch):
+    """Per forward, (fed queries, attention key slots); per LM-head call, its rows."""
+    fed, heads = [], []
+    engine.dlm.backbone.get_decoder().register_forward_hook(
+        lambda mod, args, kwargs, out: fed.append((kwargs["inputs_embeds"].shape[1],
+                                                   kwargs["attention_mask"].shape[-1])), with_kwargs=True)
+    logits = engine._logits
+    monkeypatch.setattr(engine, "_logits", lambda hidden: heads.append(hidden.shape[0]) or logits(hidden))
+    return fed, heads
+
+
+def test_ar_model_feeds_one_token_per_forward(tok, monkeypatch):
+    """Block size 1 with token shift (an AR model in the engine): after the prompt, each forward feeds only the token
+    the previous one committed, attends over the filled slots only, and runs the LM head on one position."""
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, block_size=1).eval()
+    ids = tok(PROMPTS[0])["input_ids"]
+    engine = Engine(dlm, tok)
+    fed, heads = _record_forwards(engine, monkeypatch)
+    res = engine.generate(ids, max_new_tokens=10, policy="ar", stop_token_ids=())
+    assert res.nfe == len(fed) == 10
+    assert fed == [(len(ids), len(ids))] + [(1, len(ids) + t) for t in range(1, 10)]
+    assert heads == [1] * 10
+
+
+def test_ar_policy_on_a_block_dlm_skips_the_open_block(tok, monkeypatch):
+    """The ar policy commits only the leftmost masked position: while that is a block start (predicted by the clean
+    logit) the open block is not fed; tokens and NFE stay the reference decoder's."""
+    dlm = _dlm(tok, block_size=4)
+    engine = Engine(dlm, tok)
+    fed, heads = _record_forwards(engine, monkeypatch)
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        ref = reference_generate(dlm, ids, 13, policy="ar")
+        fed.clear()
+        heads.clear()
+        res = engine.generate(ids, max_new_tokens=13, policy="ar", stop_token_ids=())
+        assert (res.tokens, res.nfe) == (ref.tokens, ref.nfe), prompt
+        assert len(fed) == res.nfe and heads == [1] * res.nfe
+        if len(ids) % 4 == 0:
+            assert fed[0][0] == len(ids)  # the prompt's blocks only: the first token comes from the clean logit
+        assert max(q for q, _ in fed[1:]) <= 4  # never [finished block | open block]
+
+
+def test_forward_with_nothing_to_feed():
+    """A step whose only masked position is a block start with a stored clean logit, after the finished block has
+    been cached, feeds nothing (no model call) but still counts as a forward, as in the reference decoder."""
+    from ar2dlm.decoding.schedule import RowState, Schedule
+
+    vocab, policy = 8, ThresholdPolicy(0.5)
+    peaked = torch.full((vocab,), -10.0)
+    peaked[3] = 10.0
+    flat = torch.zeros(vocab)
+    row = RowState([1, 2, 3, 4], 8, block_size=4, mask_id=7, token_shift=True, schedule=Schedule())
+    p = row.plan()
+    assert (p.fed_start, p.fed_end, p.final_end, p.logit_pos) == (0, 8, 4, [3, 4, 5, 6])
+    row.apply(p, torch.stack([flat, peaked, peaked, peaked]), policy, Sampling(), None, 0.0)  # 5, 6, 7; not 4
+    assert row.pending[4:8] == [True, False, False, False] and row.cached == 4
+    p = row.plan()
+    assert p.fed == 0 and p.logit_pos == []
+    old, new = row.apply(p, None, policy, Sampling(), None, 0.0)  # 4 from the stored clean logit
+    assert row.nfe == 2 and not row.pending[4] and (old, new) == (4, 8)
+    p = row.plan()
+    assert (p.fed_start, p.fed_end, p.logit_pos) == (4, 12, [7, 8, 9, 10])
+
+
+def test_padding_queries_never_touch_cached_slots(tok):
+    """In a batch, a row with nothing to feed (all its slots cached) is all dummy queries: they must not write into
+    its cached slots, however short the other rows' fed ranges are."""
+    from ar2dlm.decoding.cache import SlotKVCache
+    from ar2dlm.decoding.schedule import Plan, RowState, Schedule
+
+    dlm = _dlm(tok, block_size=4)
+    engine = Engine(dlm, tok)
+    rows = [RowState(list(range(3, 15)), 8, 4, dlm.config.mask_token_id, True, Schedule()),
+            RowState([5, 6, 7], 8, 4, dlm.config.mask_token_id, True, Schedule())]
+    cache = SlotKVCache(dlm.hf_config.num_hidden_layers, 21)
+    blk = torch.arange(21) // 4
+    engine._forward(rows, {0: Plan(0, 12, 12, [11]), 1: Plan(0, 4, 0, [2, 3])}, cache, blk)
+    before = [layer.keys[0, :, :12].clone() for layer in cache.layers]
+    logits = engine._forward(rows, {0: Plan(12, 12, 12, []), 1: Plan(0, 4, 0, [2, 3])}, cache, blk)
+    assert list(logits) == [1] and logits[1].shape[0] == 2
+    assert all(torch.equal(layer.keys[0, :, :12], b) for layer, b in zip(cache.layers, before))
+
+
+def test_lm_head_shortcuts_equal_the_model_head(tok):
+    dlm = _dlm(tok)
+    engine = Engine(dlm, tok)
+    h = torch.randn(9, dlm.hf_config.hidden_size)
+    for n in (1, 2, 5, 8, 9):
+        assert torch.allclose(engine._logits(h[:n]), dlm.logits(h[:n]), rtol=1e-5, atol=1e-5), n
+    with torch.no_grad():  # an in-place change of the weight: the transposed copy must follow
+        dlm.backbone.get_output_embeddings().weight.mul_(2.0)
+    assert torch.allclose(engine._logits(h[:1]), dlm.logits(h[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_slot_cache_hands_attention_the_leading_slots_only():
+    from ar2dlm.decoding.cache import SlotKVCache
+
+    cache = SlotKVCache(num_layers=1, max_len=10)
+    k = torch.randn(1, 2, 2, 4)
+    cache.set_write_index(torch.tensor([[3, 4]]), kv_len=5)
+    keys, values = cache.layers[0].update(k, k + 1)
+    assert keys.shape == (1, 2, 5, 4) and torch.equal(keys[:, :, 3:5], k) and torch.equal(values[:, :, 3:5], k + 1)
+    assert keys.data_ptr() == cache.layers[0].keys.data_ptr()  # a view of the buffer, not a copy
+    with pytest.raises(ValueError):
+        cache.set_write_index(torch.tensor([[3]]), kv_len=11)
 
 
 def test_ar_policy_reproduces_hf_generate(tok):
@@ -205,7 +317,7 @@ def test_batch_equals_single(tok):
     engine = Engine(dlm, tok)
     prompts = [tok(p)["input_ids"] for p in PROMPTS] + [[5]]
     for kwargs in ({"tau": 0.6}, {"tau": 0.3, "temperature": 0.8, "top_p": 0.9, "seed": 3},
-                   {"tau": 0.9, "block_parallel": True}):
+                   {"tau": 0.9, "block_parallel": True}, {"policy": "ar"}):
         single = [engine.generate(p, max_new_tokens=20, stop_token_ids=(), **kwargs) for p in prompts]
         batch = engine.generate_batch(prompts, max_new_tokens=20, stop_token_ids=(), **kwargs)
         assert [(r.tokens, r.nfe) for r in batch] == [(r.tokens, r.nfe) for r in single]
