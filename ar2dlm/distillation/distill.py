@@ -181,11 +181,8 @@ def prepare_trajectories(cfg: DistillConfig, dlm: BlockDiffusionLM, tokenizer, i
 # -------------------------------------------------------------------------------------------------- run
 def distill(cfg: DistillConfig) -> dict:
     """Run a distillation; returns the summary also written to <output>/summary.json."""
-    info, device = distributed.init(cfg.device)
-    try:
+    with distributed.session(cfg.device) as (info, device):
         return _distill(cfg, info, device)
-    finally:
-        distributed.shutdown()
 
 
 def _distill(cfg: DistillConfig, info, device) -> dict:

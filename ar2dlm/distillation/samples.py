@@ -25,6 +25,7 @@ import torch
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.training.data import collate
+from ar2dlm.training.trainer import MaskedBatch
 
 
 @dataclass(frozen=True)
@@ -73,31 +74,8 @@ def random_ranks(rank: torch.Tensor, block_size: int, generator: torch.Generator
     return out.view(n_rows, -1)[:, :seq_len]
 
 
-class DistillMicro:
-    """A micro-batch in the [noisy | clean] layout (rows doubled with complementary masking)."""
-
-    __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths")
-
-    def __init__(self, noisy_ids, clean_ids, masked, lengths):
-        self.noisy_ids, self.clean_ids, self.masked, self.lengths = noisy_ids, clean_ids, masked, lengths
-
-    def to(self, device):
-        return DistillMicro(*(t.to(device) for t in (self.noisy_ids, self.clean_ids, self.masked, self.lengths)))
-
-    def args(self) -> tuple:
-        return self.noisy_ids, self.clean_ids, self.masked, self.lengths
-
-    @property
-    def n_scored(self) -> int:
-        return int(self.masked.sum())
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-
 def build_micro(trajectories, block_size: int, mask_id: int, pad_id: int, cfg: SampleConfig, fraction: float,
-                generator: torch.Generator) -> DistillMicro:
+                generator: torch.Generator) -> MaskedBatch:
     """Noised micro-batch from trajectories at training progress `fraction` (drives the curriculum)."""
     batch = collate(trajectories, pad_id, pad_to_multiple=1)
     rank = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
@@ -116,4 +94,4 @@ def build_micro(trajectories, block_size: int, mask_id: int, pad_id: int, cfg: S
         clean = clean.repeat(2, 1)
         lengths = lengths.repeat(2)
     noisy = torch.where(masked, mask_id, clean)
-    return DistillMicro(noisy, clean, masked, lengths)
+    return MaskedBatch(noisy, clean, masked, lengths)

@@ -24,7 +24,7 @@ from ar2dlm.training.data import Batcher, DataConfig, iter_batches, load_example
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.metrics import plot_loss
 from ar2dlm.training.optim import build_optimizer
-from ar2dlm.training.trainer import Trainer, check_run_folder, gather
+from ar2dlm.training.trainer import MaskedBatch, Trainer, check_run_folder, gather
 from ar2dlm.utils.files import write_json
 
 log = logging.getLogger(__name__)
@@ -66,43 +66,17 @@ def noised_heldout(heldout, cfg: ConvertConfig, mask_id: int, pad_id: int) -> li
     return [_noise(b, cfg, mask_id, HELDOUT_MASKING, gen) for b in iter_batches(heldout, cfg.batch_size, pad_id)]
 
 
-class _Noised:
-    """A noised micro-batch in the [noisy | clean] layout, as the trainer consumes it."""
-
-    __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths")
-
-    def __init__(self, noisy_ids, clean_ids, masked, lengths):
-        self.noisy_ids, self.clean_ids, self.masked, self.lengths = noisy_ids, clean_ids, masked, lengths
-
-    def to(self, device):
-        return _Noised(*(t.to(device) for t in (self.noisy_ids, self.clean_ids, self.masked, self.lengths)))
-
-    def args(self) -> tuple:
-        return self.noisy_ids, self.clean_ids, self.masked, self.lengths
-
-    @property
-    def n_scored(self) -> int:
-        return int(self.masked.sum())
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-
-def _noise(batch, cfg: ConvertConfig, mask_id: int, masking: MaskingConfig, gen) -> _Noised:
+def _noise(batch, cfg: ConvertConfig, mask_id: int, masking: MaskingConfig, gen) -> MaskedBatch:
     nb = noise_batch(batch.input_ids, scorable(batch.maskable, cfg.token_shift), cfg.block_size, mask_id, masking,
                      generator=gen)
     reps = nb.noisy_ids.shape[0] // batch.input_ids.shape[0]  # 2 with complementary masking
-    return _Noised(nb.noisy_ids, nb.clean_ids, nb.masked, batch.lengths.repeat(reps))
+    return MaskedBatch(nb.noisy_ids, nb.clean_ids, nb.masked, batch.lengths.repeat(reps))
 
 
 def convert(cfg: ConvertConfig) -> dict:
     """Run a conversion; returns the summary that is also written to <output>/summary.json."""
-    info, device = distributed.init(cfg.device)
-    try:
+    with distributed.session(cfg.device) as (info, device):
         return _convert(cfg, info, device)
-    finally:
-        distributed.shutdown()
 
 
 def prepare_dlm(cfg, device, backbone, tokenizer, dlm: BlockDiffusionLM | None = None) -> BlockDiffusionLM:

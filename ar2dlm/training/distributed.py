@@ -6,6 +6,7 @@ NCCL on CUDA); FSDP2 (`fully_shard` on every decoder layer, then the root) is fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,16 @@ def init(device_kind: str) -> tuple[DistInfo, torch.device]:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_kind: str):
+    """`init` on entry (yields (info, device)), `shutdown` on exit, however the run ends."""
+    info, device = init(device_kind)
+    try:
+        yield info, device
+    finally:
+        shutdown()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

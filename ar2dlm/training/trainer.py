@@ -34,6 +34,29 @@ log = logging.getLogger(__name__)
 DEFAULT_STATS = ("loss", "masked_acc")
 
 
+class MaskedBatch:
+    """A micro-batch in the [noisy | clean] layout, as the trainer consumes it (convert and distill build these)."""
+
+    __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths")
+
+    def __init__(self, noisy_ids, clean_ids, masked, lengths):
+        self.noisy_ids, self.clean_ids, self.masked, self.lengths = noisy_ids, clean_ids, masked, lengths
+
+    def to(self, device):
+        return MaskedBatch(*(t.to(device) for t in (self.noisy_ids, self.clean_ids, self.masked, self.lengths)))
+
+    def args(self) -> tuple:
+        return self.noisy_ids, self.clean_ids, self.masked, self.lengths
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.masked.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
 def gather(obj, info) -> list:
     """Every rank's `obj`, in rank order (data positions and RNG states differ per rank)."""
     if not info.enabled:
