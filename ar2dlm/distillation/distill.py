@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ar2dlm.distillation.loss import DistillObjective
-from ar2dlm.distillation.samples import SampleConfig, build_micro
+from ar2dlm.distillation.samples import SampleConfig, block_size_at, build_micro
 from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajectories, write_trajectories
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
@@ -52,6 +52,8 @@ class DistillConfig(TrainConfig):
                       choices=["trajectory", "random"])
     ratio_max: float = _opt(0.8, "largest in-block mask ratio r")
     curriculum: bool = _opt(True, "the floor of r rises linearly from 0 to ratio_max over training")
+    block_sizes: str | None = _opt(None, "student block sizes over training, in equal stages, e.g. 4,8 (the saved "
+                                         "model uses the last; default: the teacher's block size throughout)")
     complementary: bool = _opt(True, "also train on the complement of every mask")
     entropy_weight: float = _opt(1.0, "weight of the entropy term on correctly predicted masked tokens")
     entropy_temperature: float = _opt(0.5, "temperature of the softmax whose entropy is minimised")
@@ -70,6 +72,19 @@ class DistillConfig(TrainConfig):
             raise Ar2dlmError("--grade filters the teacher's answers: it needs --target teacher")
         if self.seq_len < 8 or self.teacher_max_new_tokens < 1 or self.teacher_batch_size < 1:
             raise Ar2dlmError("--seq-len must be >= 8, --teacher-max-new-tokens and --teacher-batch-size >= 1")
+        self.block_size_stages()  # validates
+
+    def block_size_stages(self) -> tuple[int, ...]:
+        """--block-sizes as a tuple of ints (empty: keep the teacher's block size)."""
+        if not self.block_sizes:
+            return ()
+        try:
+            sizes = tuple(int(x) for x in str(self.block_sizes).split(","))
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise Ar2dlmError(f"--block-sizes must be comma-separated positive integers, got {self.block_sizes!r}")
+        return sizes
 
     def sample_config(self) -> SampleConfig:
         return SampleConfig(self.ratio_max, self.curriculum, self.order, self.complementary)
@@ -206,11 +221,13 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     trainer = Trainer(cfg, info=info, device=device, objective=objective, model=model, out=out, desc="distill",
                       optimizer=build_optimizer(objective, cfg.lr, cfg.weight_decay))
     B, mask_id, pad_id = dlm.config.block_size, dlm.config.mask_token_id, tokenizer.pad_token_id
+    sizes = cfg.block_size_stages() or (B,)  # trajectories are recorded at B, the student's starting block size
     scfg = cfg.sample_config()
-    if held:  # fixed masks: the teacher's order, r ~ U[0, ratio_max], no curriculum
+    if held:  # fixed masks at the final block size: the teacher's order, r ~ U[0, ratio_max], no curriculum
         g = torch.Generator().manual_seed(HELDOUT_SEED)
         fixed = SampleConfig(cfg.ratio_max, curriculum=False, order="trajectory", complementary=False)
-        trainer.heldout = [build_micro(held[i:i + cfg.batch_size], B, mask_id, pad_id, fixed, 0.0, g).to(device)
+        trainer.heldout = [build_micro(held[i:i + cfg.batch_size], sizes[-1], mask_id, pad_id, fixed, 0.0, g,
+                                       teacher_block=B).to(device)
                            for i in range(0, len(held), cfg.batch_size)]
     if info.is_main:
         write_json(out / "config.json", asdict(cfg))
@@ -220,7 +237,8 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
 
     def next_micro(fraction: float):
-        return build_micro([train[i] for i in batcher.next_indices()], B, mask_id, pad_id, scfg, fraction, gen)
+        return build_micro([train[i] for i in batcher.next_indices()], block_size_at(fraction, sizes), mask_id,
+                           pad_id, scfg, fraction, gen, teacher_block=B)
 
     def load_data_state(s):
         batcher.load_state_dict(s["batcher"])
@@ -228,8 +246,10 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
 
     after = trainer.run(next_micro, data_state=lambda: {"batcher": batcher.state_dict(), "rng": gen.get_state()},
                         load_data_state=load_data_state)
-    summary = finish_run(cfg, trainer, after, dlm, tokenizer, title=f"distill {path.name} (B={B})")
-    summary.update(trajectories=len(trajs), generated_tokens=sum(sum(t.maskable) for t in trajs),
+    dlm.config.block_size = sizes[-1]
+    title = f"distill {path.name} (B={'->'.join(map(str, sizes))})"
+    summary = finish_run(cfg, trainer, after, dlm, tokenizer, title=title)
+    summary.update(block_sizes=list(sizes), trajectories=len(trajs), generated_tokens=sum(sum(t.maskable) for t in trajs),
                    sample_config=asdict(scfg))
     if info.is_main:
         write_json(out / "summary.json", summary)

@@ -36,8 +36,8 @@ class DistillObjective(nn.Module):
         self.dlm = dlm
         self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
 
-    def forward(self, noisy_ids, clean_ids, scored, lengths=None):
-        logits, targets = self.dlm.diffusion_logits(noisy_ids, clean_ids, scored, lengths)
+    def forward(self, noisy_ids, clean_ids, scored, lengths=None, block_size=None):
+        logits, targets = self.dlm.diffusion_logits(noisy_ids, clean_ids, scored, lengths, block_size)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         right = logits.argmax(-1) == targets
         if self.entropy_weight and right.any():

@@ -13,6 +13,10 @@ the curriculum r ~ U[0, r_max] throughout.
 `order="random"` is the ablation: the same number of masked positions per block, but chosen uniformly at random
 instead of by the teacher's order.
 
+Block-size curriculum: the student's block can differ from (typically grow past) the teacher's. The teacher decodes
+its blocks left to right, so (teacher block index, rank inside it) is a global decoding order, and restricted to any
+student block it is the order in which the teacher decided that block's tokens (`rerank`).
+
 Complementary masking: every sequence is also trained with the complement of its mask inside the generated
 positions (the tokens the first copy showed become the targets), so every generated token gets a gradient.
 """
@@ -74,13 +78,39 @@ def random_ranks(rank: torch.Tensor, block_size: int, generator: torch.Generator
     return out.view(n_rows, -1)[:, :seq_len]
 
 
+def rerank(rank: torch.Tensor, teacher_block: int, block_size: int) -> torch.Tensor:
+    """Ranks recorded in `teacher_block`-sized blocks, re-expressed inside `block_size`-sized blocks.
+
+    A generated position's global step is (teacher block index, rank); inside each new block its new rank is the
+    number of the block's generated positions with an earlier global step. Prompt positions stay -1."""
+    if teacher_block == block_size:
+        return rank
+    n_rows, seq_len = rank.shape
+    pos = torch.arange(seq_len)
+    step = (pos // teacher_block * teacher_block)[None, :] + rank  # rank < teacher_block: no ties across blocks
+    pad = (-seq_len) % block_size
+    key = torch.nn.functional.pad(torch.where(rank >= 0, step, torch.full_like(step, -1)), (0, pad), value=-1)
+    key = key.view(n_rows, -1, block_size)
+    big = seq_len + teacher_block  # prompt / padding positions sort last and keep -1
+    order = key.masked_fill(key < 0, big).argsort(dim=-1, stable=True).argsort(dim=-1)
+    out = torch.where(key >= 0, order, torch.full_like(order, -1))
+    return out.view(n_rows, -1)[:, :seq_len]
+
+
+def block_size_at(fraction: float, sizes: tuple[int, ...]) -> int:
+    """The block size of the curriculum stage at training progress `fraction` (equal stages, in order)."""
+    return sizes[min(len(sizes) - 1, int(max(0.0, fraction) * len(sizes)))]
+
+
 def build_micro(trajectories, block_size: int, mask_id: int, pad_id: int, cfg: SampleConfig, fraction: float,
-                generator: torch.Generator) -> MaskedBatch:
-    """Noised micro-batch from trajectories at training progress `fraction` (drives the curriculum)."""
+                generator: torch.Generator, teacher_block: int | None = None) -> MaskedBatch:
+    """Noised micro-batch from trajectories at training progress `fraction` (drives the curriculum), masked for
+    student blocks of `block_size` (trajectories recorded at `teacher_block`, default the same)."""
     batch = collate(trajectories, pad_id, pad_to_multiple=1)
     rank = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
     for i, t in enumerate(trajectories):
         rank[i, :len(t)] = torch.tensor(t.rank, dtype=torch.long)
+    rank = rerank(rank, teacher_block or block_size, block_size)
     if cfg.order == "random":
         rank = random_ranks(rank, block_size, generator)
     n_blocks = -(-rank.shape[1] // block_size)
@@ -94,4 +124,4 @@ def build_micro(trajectories, block_size: int, mask_id: int, pad_id: int, cfg: S
         clean = clean.repeat(2, 1)
         lengths = lengths.repeat(2)
     noisy = torch.where(masked, mask_id, clean)
-    return MaskedBatch(noisy, clean, masked, lengths)
+    return MaskedBatch(noisy, clean, masked, lengths, block_size=block_size)

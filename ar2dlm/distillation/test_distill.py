@@ -139,6 +139,19 @@ def test_lora_distillation_saves_an_adapter_on_the_student(student, tmp_path):
     assert a.shape == b.shape and not torch.allclose(a, b)  # the adapter changed the student, on top of it
 
 
+def test_block_size_curriculum_grows_the_student_block(student, tmp_path):
+    summary = distill(_cfg(student, tmp_path / "grow", block_sizes="4,8", max_steps=4))
+    assert summary["block_sizes"] == [4, 8]
+    rows = [json.loads(ln) for ln in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["block_size"] for r in rows if "loss" in r] == [4, 4, 8, 8]
+    dlm, _ = BlockDiffusionLM.from_pretrained(tmp_path / "grow" / "model")
+    assert dlm.config.block_size == 8
+    with pytest.raises(Ar2dlmError, match="block-sizes"):
+        _cfg(student, tmp_path / "bad", block_sizes="4,x")
+    with pytest.raises(Ar2dlmError, match="block-sizes"):
+        _cfg(student, tmp_path / "bad", block_sizes="0")
+
+
 def test_truncate_cuts_at_a_block_boundary():
     from ar2dlm.distillation.distill import truncate
     from ar2dlm.distillation.trajectories import Trajectory

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ar2dlm.distillation.samples import SampleConfig, build_micro, random_ranks, ratio_floor, trajectory_mask
+from ar2dlm.distillation.samples import (SampleConfig, block_size_at, build_micro, random_ranks, ratio_floor, rerank,
+                                        trajectory_mask)
 from ar2dlm.distillation.trajectories import Trajectory
 from ar2dlm.errors import Ar2dlmError
 
@@ -90,3 +91,33 @@ def test_invalid_settings():
         SampleConfig(ratio_max=0)
     with pytest.raises(Ar2dlmError):
         SampleConfig(order="sideways")
+
+
+def test_rerank_into_larger_and_smaller_blocks():
+    # teacher blocks of 4: prompt x2 then ranks; the second block decoded 1, 0, 2, 3; the third 3, 2, 1, 0
+    rank = torch.tensor([[-1, -1, 0, 1, 1, 0, 2, 3, 3, 2, 1, 0, 0, -1]])
+    # blocks of 8 merge two teacher blocks: the first teacher block's steps come before the second's
+    assert rerank(rank, 4, 8)[0].tolist() == [-1, -1, 0, 1, 3, 2, 4, 5, 3, 2, 1, 0, 4, -1]
+    # blocks of 2: the relative order inside each half of a teacher block
+    assert rerank(rank, 4, 2)[0].tolist() == [-1, -1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 0, -1]
+    assert torch.equal(rerank(rank, 4, 4), rank)
+
+
+def test_micro_batch_at_a_grown_block_size():
+    trajs = [Trajectory(list(range(10, 22)), [-1, -1, 1, 0, 2, 0, 3, 1, 0, 1, 2, 3])]
+    cfg = SampleConfig(ratio_max=0.5, curriculum=False, complementary=False)
+    mb = build_micro(trajs, 8, MASK, PAD, cfg, 0.0, torch.Generator().manual_seed(0), teacher_block=4)
+    assert mb.block_size == 8
+    # block of 8 holds 6 generated tokens in global order [1, 0, 3, 2, 5, 4] (positions 2..7): r <= 0.5 masks the
+    # teacher's last ones, never its first; the second block (4 tokens, order 0 1 2 3) masks from its end too
+    masked = mb.masked[0].tolist()
+    assert masked[:2] == [False, False] and not masked[3]
+    assert masked[6] and masked[11]
+    first = [r for r, m in zip([1, 0, 3, 2, 5, 4], masked[2:8]) if m]
+    assert first and min(first) >= 6 - len(first)  # the masked ones are the last decoded
+
+
+def test_block_size_stages():
+    assert [block_size_at(f, (4, 8)) for f in (0.0, 0.49, 0.5, 0.99, 1.0)] == [4, 4, 8, 8, 8]
+    assert [block_size_at(f, (4, 8, 16)) for f in (0.0, 0.34, 0.67, 1.0)] == [4, 8, 16, 16]
+    assert block_size_at(0.7, (4,)) == 4

@@ -179,20 +179,23 @@ class BlockDiffusionLM(nn.Module):
         return out
 
     def training_hidden(
-        self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor, lengths: torch.Tensor | None = None
+        self, noisy_ids: torch.Tensor, clean_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> torch.Tensor:
-        """Final hidden states of the [noisy | clean] layout, shape [N, 2L, H]."""
+        """Final hidden states of the [noisy | clean] layout, shape [N, 2L, H]; `block_size` overrides the
+        configured one (distillation can grow the block size over training)."""
         n, seq_len = clean_ids.shape
+        block_size = block_size or self.config.block_size
         ids = torch.cat([noisy_ids, clean_ids], dim=1)
         pos = attention.layout_position_ids(seq_len, ids.device).expand(n, -1)
         if self.attention_backend == "flex":
-            mask = attention.flex_mask(seq_len, self.config.block_size, lengths, device=ids.device)
+            mask = attention.flex_mask(seq_len, block_size, lengths, device=ids.device)
         else:
-            mask = attention.dense_mask(seq_len, self.config.block_size, lengths, device=ids.device)
+            mask = attention.dense_mask(seq_len, block_size, lengths, device=ids.device)
         out = self._decoder()(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state
 
-    def predictor_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+    def predictor_hidden(self, hidden: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
         """For each position p of the sequence, the hidden state whose logit predicts token p: shape [N, L, H].
 
         Token shift off: the noisy copy at p. On: the noisy copy at p-1 inside a block, and at a block's first
@@ -205,7 +208,7 @@ class BlockDiffusionLM(nn.Module):
             return noisy
         pos = torch.arange(seq_len, device=hidden.device)
         prev = (pos - 1).clamp(min=0)
-        block_start = (pos % self.config.block_size == 0)[None, :, None]
+        block_start = (pos % (block_size or self.config.block_size) == 0)[None, :, None]
         return torch.where(block_start, clean[:, prev], noisy[:, prev])
 
     def diffusion_logits(
@@ -214,6 +217,7 @@ class BlockDiffusionLM(nn.Module):
         clean_ids: torch.Tensor,
         scored: torch.Tensor,
         lengths: torch.Tensor | None = None,
+        block_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets at the `scored` positions (bool [N, L]): returns ([M, V], [M]).
 
@@ -221,7 +225,7 @@ class BlockDiffusionLM(nn.Module):
         """
         if self.config.token_shift and scored[:, 0].any():
             raise ValueError("position 0 cannot be scored with token shift on (nothing predicts it)")
-        hidden = self.predictor_hidden(self.training_hidden(noisy_ids, clean_ids, lengths))
+        hidden = self.predictor_hidden(self.training_hidden(noisy_ids, clean_ids, lengths, block_size), block_size)
         return self.logits(hidden[scored]), clean_ids[scored]
 
     def forward(self, input_ids: torch.Tensor, **kwargs):

@@ -218,6 +218,25 @@ def test_diffusion_logits_shapes_targets_and_mask_column():
         model.diffusion_logits(noisy, clean, bad)
 
 
+@pytest.mark.parametrize("token_shift", (True, False))
+def test_block_size_argument_overrides_the_configured_one(token_shift):
+    """Distillation's block-size curriculum trains at other block sizes than the config's: the argument must act
+    exactly like a model configured with it, and differ from the configured size."""
+    model, _, _ = _dlm("llama", block_size=4, token_shift=token_shift)
+    vocab = model.backbone.get_input_embeddings().weight.shape[0]
+    clean = _ids(2, 16, vocab - 1, seed=3)
+    scored = torch.zeros(2, 16, dtype=torch.bool)
+    scored[:, 9:14] = True
+    noisy = torch.where(scored, model.config.mask_token_id, clean)
+    with torch.no_grad():
+        at8, _ = model.diffusion_logits(noisy, clean, scored, block_size=8)
+        at4, _ = model.diffusion_logits(noisy, clean, scored)
+        model.config.block_size = 8
+        configured8, _ = model.diffusion_logits(noisy, clean, scored)
+    torch.testing.assert_close(at8, configured8, rtol=0, atol=0)
+    assert not torch.allclose(at8, at4)
+
+
 # ------------------------------------------------------------------------------------------- mask token
 @pytest.mark.parametrize("tied", (True, False))
 def test_mask_token_row_is_mean_of_old_rows(tied):

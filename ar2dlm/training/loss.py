@@ -20,8 +20,8 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         self.dlm = dlm
 
-    def forward(self, noisy_ids, clean_ids, scored, lengths=None):
-        logits, targets = self.dlm.diffusion_logits(noisy_ids, clean_ids, scored, lengths)
+    def forward(self, noisy_ids, clean_ids, scored, lengths=None, block_size=None):
+        logits, targets = self.dlm.diffusion_logits(noisy_ids, clean_ids, scored, lengths, block_size)
         ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         correct = (logits.argmax(-1) == targets).sum()
         return ce_sum, correct

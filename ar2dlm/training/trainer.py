@@ -35,18 +35,22 @@ DEFAULT_STATS = ("loss", "masked_acc")
 
 
 class MaskedBatch:
-    """A micro-batch in the [noisy | clean] layout, as the trainer consumes it (convert and distill build these)."""
+    """A micro-batch in the [noisy | clean] layout, as the trainer consumes it (convert and distill build these).
 
-    __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths")
+    `block_size` is the attention block size it was masked for; None means the model's configured one."""
 
-    def __init__(self, noisy_ids, clean_ids, masked, lengths):
+    __slots__ = ("noisy_ids", "clean_ids", "masked", "lengths", "block_size")
+
+    def __init__(self, noisy_ids, clean_ids, masked, lengths, block_size: int | None = None):
         self.noisy_ids, self.clean_ids, self.masked, self.lengths = noisy_ids, clean_ids, masked, lengths
+        self.block_size = block_size
 
     def to(self, device):
-        return MaskedBatch(*(t.to(device) for t in (self.noisy_ids, self.clean_ids, self.masked, self.lengths)))
+        tensors = (self.noisy_ids, self.clean_ids, self.masked, self.lengths)
+        return MaskedBatch(*(t.to(device) for t in tensors), block_size=self.block_size)
 
     def args(self) -> tuple:
-        return self.noisy_ids, self.clean_ids, self.masked, self.lengths
+        return self.noisy_ids, self.clean_ids, self.masked, self.lengths, self.block_size
 
     @property
     def n_scored(self) -> int:
@@ -175,8 +179,9 @@ class Trainer:
             state["train_seconds"] = time.perf_counter() - t_start
             per_token = {n: float(v) / max(n_scored, 1.0) for n, v in zip(self.names, stats)}
             if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
+                extra = {"block_size": micro[0].block_size} if micro[0].block_size else {}
                 self.metrics.write({"step": state["step"], **per_token, "lr": lr, "grad_norm": float(grad_norm),
-                                    "fraction": round(fraction, 4), "tokens": state["tokens"],
+                                    "fraction": round(fraction, 4), "tokens": state["tokens"], **extra,
                                     "tokens_per_s": step_tokens / dt, "elapsed_s": round(state["train_seconds"], 2)})
             bar.set_postfix(loss=f"{per_token['loss']:.3f}", acc=f"{per_token.get('masked_acc', 0):.2f}",
                             tok_s=f"{step_tokens / dt:.0f}")
