@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from ar2dlm.decoding.compare import DEFAULT_PROMPTS, leading_agreement, trim_at_stop
+from ar2dlm.decoding.compare import leading_agreement, load_prompts, trim_at_stop
 from ar2dlm.decoding.engine import default_stop_ids, encode_prompt
 from ar2dlm.decoding.engine import DecodeConfig, Engine
 from ar2dlm.decoding.policies import DEFAULT_TAU, POLICIES, make_policy
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.utils.files import write_json
+from ar2dlm.utils.files import check_output_file, write_json
 
 HF_METHOD = "hf-generate"
 AR_METHOD = "ar-engine"
@@ -126,19 +126,6 @@ def parse_batch_sizes(text: str) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def load_prompts(path: str | None) -> list[str]:
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [ln.strip() for ln in f if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise Ar2dlmError(f"cannot read prompts from {path}: {e}") from None
-    if not prompts:
-        raise Ar2dlmError(f"no prompts in {path} (one prompt per line)")
-    return prompts
-
-
 # ------------------------------------------------------------------------------------------------------ config
 @dataclass
 class DecodeBenchConfig:
@@ -162,6 +149,8 @@ class DecodeBenchConfig:
             raise Ar2dlmError(f"--warmup must be >= 0, got {self.warmup}")
         self.policy_specs()
         self.batch_size_list()
+        check_output_file(self.json_out, "--json-out")
+        check_output_file(self.plot_out, "--plot-out")
 
     def policy_specs(self) -> list[PolicySpec]:
         return parse_policy_specs(self.policies, self.block_parallel_too)
@@ -318,7 +307,7 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     longest = max(len(ids) for ids in prompt_ids)
     if context is not None and longest + cfg.max_new_tokens > context:
         raise Ar2dlmError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                          f"the context window ({context}); use a smaller --max-new-tokens")
+                          f"the context window ({context}); use shorter prompts or a smaller --max-new-tokens")
     stops = default_stop_ids(tok)
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 

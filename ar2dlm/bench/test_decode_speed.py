@@ -124,6 +124,14 @@ def test_bad_settings(kwargs):
         DecodeBenchConfig(model="nowhere", **kwargs)
 
 
+def test_unwritable_outputs_are_refused_before_the_run(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(Ar2dlmError, match="--json-out .* is a folder"):
+        DecodeBenchConfig(model="nowhere", json_out=str(tmp_path))
+    with pytest.raises(Ar2dlmError, match="--plot-out .* is a file, not a folder"):
+        DecodeBenchConfig(model="nowhere", plot_out=str(tmp_path / "a_file" / "p.png"))
+
+
 def test_cli_errors_are_one_line(models, tmp_path, capsys):
     from ar2dlm.cli import main
 

@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ar2dlm.bench.decode_speed import _resolve_device
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
-from ar2dlm.utils.files import write_json
+from ar2dlm.utils.files import check_output_file, write_json
 
 # Dense bf16 peak FLOP/s of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -36,12 +37,15 @@ class BenchConfig:
     steps: int = field(default=6, metadata={"help": "timed steps per method"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per method first"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2 * self.block_size or self.steps < 1 or self.warmup < 0:
             raise Ar2dlmError("need batch-size >= 1, seq-len >= 2 * block-size, steps >= 1, warmup >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise Ar2dlmError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        check_output_file(self.json_out, "--json-out")
 
 
 def _sync(device):
@@ -54,8 +58,7 @@ def _param_count(model) -> int:
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
-    device = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = _resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     base, tokenizer = load_base(cfg.model, dtype=torch.float32)

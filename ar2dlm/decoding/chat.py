@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult
+from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult, check_text
 from ar2dlm.decoding.generate import DecodeOptions, ModelOption, load_for_decoding
 from ar2dlm.errors import Ar2dlmError
 
@@ -45,6 +45,7 @@ class ChatSession:
         return msgs + [{"role": "user", "content": user}]
 
     def _render(self, user: str) -> list[int]:
+        check_text(user)
         return list(self.tokenizer.apply_chat_template(self.messages(user), add_generation_prompt=True,
                                                        tokenize=True, return_dict=True)["input_ids"])
 

@@ -16,7 +16,7 @@ from ar2dlm.decoding.engine import Engine, default_stop_ids, encode_prompt
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
-from ar2dlm.utils.files import write_json
+from ar2dlm.utils.files import check_output_file, write_json
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -49,6 +49,21 @@ class CompareConfig:
             raise Ar2dlmError("every threshold must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise Ar2dlmError("--max-new-tokens must be >= 1")
+        check_output_file(self.json_out, "--json-out")
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """One prompt per non-blank line of `path` (the built-in ones without a path); none at all is an error."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise Ar2dlmError(f"cannot read prompts from {path}: {e}") from None
+    if not prompts:
+        raise Ar2dlmError(f"no prompts in {path} (one prompt per line)")
+    return prompts
 
 
 def trim_at_stop(tokens: list[int], stops) -> list[int]:
@@ -71,6 +86,7 @@ def leading_agreement(a: list[int], b: list[int]) -> float:
 
 @torch.no_grad()
 def run_compare(cfg: CompareConfig) -> dict:
+    prompts = load_prompts(cfg.prompts)  # before the models load; an empty file would divide by zero below
     dlm, tokenizer = BlockDiffusionLM.from_pretrained(cfg.model)
     dlm.eval()
     base_name = cfg.base or dlm.config.base_model
@@ -78,13 +94,6 @@ def run_compare(cfg: CompareConfig) -> dict:
         raise Ar2dlmError("the dLM does not record its AR parent: pass --base")
     parent, _ = load_base(base_name)
     parent.eval()
-    if cfg.prompts:
-        try:
-            prompts = [ln.strip() for ln in open(cfg.prompts, encoding="utf-8") if ln.strip()]
-        except OSError as e:
-            raise Ar2dlmError(f"cannot read prompts: {e}") from None
-    else:
-        prompts = DEFAULT_PROMPTS
     stops = default_stop_ids(tokenizer)
     chat = bool(getattr(tokenizer, "chat_template", None))
     taus = [float(t) for t in cfg.thresholds.split(",")]

@@ -138,8 +138,19 @@ class TextStream:
         self.result = yield from self._gen
 
 
+def check_text(text: str) -> str:
+    """Bytes that are not UTF-8 reach us as lone surrogates (argv, a piped stdin); the tokenizer would fail on them
+    with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Ar2dlmError("the text is not valid UTF-8") from None
+    return text
+
+
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
     """Token ids of a prompt; `chat` wraps it as one user turn with the tokenizer's chat template."""
+    check_text(text)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise Ar2dlmError("this tokenizer has no chat template (drop --chat)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult, encode_prompt
 from ar2dlm.decoding.policies import POLICIES
 from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, BlockDiffusionLM
+from ar2dlm.utils.files import check_output_file
 
 
 @dataclass(kw_only=True)
@@ -37,7 +38,7 @@ class DecodeOptions:
         return DecodeConfig(
             max_new_tokens=self.max_new_tokens, policy=self.policy, tau=self.tau,
             steps_per_forward=self.steps_per_forward, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop_strings=(self.stop,) if self.stop else (),
+            top_k=self.top_k, seed=self.seed, stop_strings=() if self.stop is None else (self.stop,),  # '' is an error
             block_parallel=self.block_parallel, p_add=self.p_add, cache_delay=self.cache_delay,
             refresh_every=self.refresh_every,
         )
@@ -55,6 +56,9 @@ class GenerateConfig(DecodeOptions, ModelOption):  # fields in the order ModelOp
     chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn with the chat template"})
     stream: bool = field(default=False, metadata={"help": "print the text as it is decoded"})
     json_out: str | None = field(default=None, metadata={"help": "also write text and metrics here"})
+
+    def __post_init__(self):
+        check_output_file(self.json_out, "--json-out")  # before the model loads, not after the answer
 
 
 def load_for_decoding(spec: str):

@@ -90,3 +90,16 @@ def test_long_history_drops_the_oldest_turns(models, monkeypatch, capsys):
 def test_bad_options_fail_before_loading(capsys):
     assert main(["chat", "--model", "nowhere", "--tau", "2"]) == 2
     assert "tau" in capsys.readouterr().err
+
+
+def test_a_message_that_is_not_utf8_is_refused_and_the_chat_goes_on(models, monkeypatch, capsys):
+    # undecodable bytes on a piped stdin arrive as lone surrogates; the tokenizer raised a TypeError on them
+    code, prompts, out, err = _chat(monkeypatch, capsys, ["--model", str(models["dlm"]), "--max-new-tokens", "2"],
+                                    "bad \udcff bytes\nhello\n")
+    assert code == 0 and len(prompts) == 1 and "hello" in prompts[0]
+    assert "ar2dlm: the text is not valid UTF-8" in err
+
+
+def test_generate_prompt_that_is_not_utf8_is_one_line(models, capsys):
+    assert main(["generate", "--model", str(models["dlm"]), "--prompt", "bad \udcff bytes"]) == 2
+    assert capsys.readouterr().err.strip() == "ar2dlm: error: the text is not valid UTF-8"

@@ -372,3 +372,18 @@ def test_generate_cli(tmp_path, tok, capsys):
     assert "TPF 1.00" in out.err
     assert main(["generate", "--model", str(base), "--prompt", "x", "--tau", "2"]) == 2
     assert "tau" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--json-out", "{tmp}"], "--json-out"),  # a folder: refused before the model loads, not after the answer
+    (["--json-out", "{tmp}/a_file/g.json"], "is a file, not a folder"),
+    (["--stop", ""], "stop strings must be non-empty"),  # was silently ignored
+])
+def test_generate_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, message):
+    from ar2dlm.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    assert main(["generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ar2dlm: error: ") and message in err[0], err

@@ -72,6 +72,8 @@ class DistillConfig(TrainConfig):
             raise Ar2dlmError("--grade filters the teacher's answers: it needs --target teacher")
         if self.seq_len < 8 or self.teacher_max_new_tokens < 1 or self.teacher_batch_size < 1:
             raise Ar2dlmError("--seq-len must be >= 8, --teacher-max-new-tokens and --teacher-batch-size >= 1")
+        if self.max_records is not None and self.max_records < 1:
+            raise Ar2dlmError(f"--max-records must be >= 1, got {self.max_records}")
         self.block_size_stages()  # validates
 
     def block_size_stages(self) -> tuple[int, ...]:

@@ -93,6 +93,10 @@ def test_cli_errors(student, tmp_path, capsys):
     assert main(["distill", "--model", str(student / "dlm"), "--grade", "gsm8k", "--output", str(tmp_path / "o")]) == 2
     assert "--target teacher" in capsys.readouterr().err
     assert main(["distill", "--model", str(student / "dlm"), "--ratio-max", "0", "--output", str(tmp_path / "o")]) == 2
+    capsys.readouterr()
+    argv = ["distill", "--model", str(student / "dlm"), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--max-records", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "ar2dlm: error: --max-records must be >= 1, got 0"
 
 
 def test_entropy_term_only_on_correct_predictions():

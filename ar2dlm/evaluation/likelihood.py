@@ -43,7 +43,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 
 from ar2dlm import __version__
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.files import check_output_file
 
 SCHEMA = "ar2dlm.ppl/1"
 
@@ -87,8 +87,7 @@ class PplConfig:
         check_fixed_t(self.fixed_t)
         if self.seed < 0:
             raise Ar2dlmError(f"--seed must be >= 0, got {self.seed}")
-        if Path(self.output).is_dir():
-            raise Ar2dlmError(f"--output {self.output} is a folder; name a .json file")
+        check_output_file(self.output, "--output")
 
 
 def check_fixed_t(t: float | None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.files import check_output_file
 
 SCHEMA_PREFIX = "ar2dlm.eval/"
 
@@ -29,6 +30,8 @@ class ReportConfig:
     def __post_init__(self):
         if not self.results:
             raise Ar2dlmError("report needs at least one results file")
+        check_output_file(self.markdown_out, "--markdown-out")
+        check_output_file(self.plot_out, "--plot-out")
 
 
 def load_results(path: str | Path) -> dict:
@@ -44,7 +47,24 @@ def load_results(path: str | Path) -> dict:
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith(SCHEMA_PREFIX) \
             or not isinstance(data.get("points"), list) or not data["points"]:
         raise Ar2dlmError(f"{path}: not a results file of `ar2dlm eval`")
+    _check_fields(path, data)
     return data
+
+
+def _check_fields(path: Path, run: dict) -> None:
+    """The fields the table and the plots read, so that an edited or truncated file is one error line, not a
+    KeyError halfway through the table."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(run.get("task"), str) or not number(run.get("aup")) or "model" not in run:
+        raise Ar2dlmError(f"{path}: a results file needs 'model', 'task' and a numeric 'aup'")
+    for i, p in enumerate(run["points"]):
+        if not isinstance(p, dict) or not isinstance(p.get("label"), str) or not isinstance(p.get("kind"), str):
+            raise Ar2dlmError(f"{path}: point {i} needs a 'label' and a 'kind'")
+        for key in ("accuracy", "tpf", "tokens_per_s"):
+            if not number(p.get(key)):
+                raise Ar2dlmError(f"{path}: point {i} needs a numeric {key!r}, got {p.get(key)!r}")
 
 
 def _name(model: str | None) -> str:

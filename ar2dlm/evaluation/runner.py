@@ -37,6 +37,7 @@ from ar2dlm.decoding.policies import POLICIES
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.evaluation.tasks import TASKS, Sample, get_task
 from ar2dlm.evaluation.tasks.base import LOCAL_SUFFIXES, iter_raw_records, render_chat
+from ar2dlm.utils.files import check_output_file
 
 FIDELITY = "fidelity"
 SCHEMA = "ar2dlm.eval/1"
@@ -90,8 +91,8 @@ class EvalConfig:
             raise Ar2dlmError(f"--limit must be >= 1, got {self.limit}")
         if self.fewshot < 0:
             raise Ar2dlmError(f"--fewshot must be >= 0, got {self.fewshot}")
-        if Path(self.output).is_dir():
-            raise Ar2dlmError(f"--output {self.output} is a folder; name a .json file")
+        check_output_file(self.output, "--output")
+        check_output_file(self.plot_path, "--plot")
         self.points()  # every point's decode settings are valid before anything loads
 
     def decode(self, stop_strings: tuple[str, ...] = ()) -> DecodeConfig:

@@ -230,3 +230,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, me
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("ar2dlm: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_unwritable_output_fails_before_loading(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "x.json", "is a file, not a folder")):
+        assert main(["ppl", "--model", str(tmp_path / "no-model"), "--data", "x.txt", "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ar2dlm: error: --output ") and message in err and "\n" not in err, err

@@ -67,10 +67,19 @@ def test_report_of_one_run_labels_the_parent(runs):
     assert "shared y_max" not in text  # one run: nothing to share
 
 
+_RUN = ('{"schema": "ar2dlm.eval/1", "model": "m", "task": "gsm8k", "aup": 10.0, "points": '
+        '[{"label": "threshold", "kind": "dlm", "accuracy": 50.0, "tpf": 1.5, "tokens_per_s": 20.0}]}')
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
     ("{not json", "not JSON"),
     ('{"points": []}', "not a results file"),
+    # the right schema, but edited or cut: used to be a KeyError / AttributeError halfway through the table
+    (_RUN.replace('"accuracy": 50.0', '"accuracy": "high"'), "point 0 needs a numeric 'accuracy'"),
+    (_RUN.replace('"tpf": 1.5, ', ''), "point 0 needs a numeric 'tpf'"),
+    (_RUN.replace('"points": [{', '"points": [1, {'), "point 0 needs a 'label'"),
+    (_RUN.replace('"model": "m", ', ''), "needs 'model'"),
 ])
 def test_bad_results_file_exits_2(tmp_path, capsys, content, message):
     path = tmp_path / "r.json"
@@ -78,5 +87,20 @@ def test_bad_results_file_exits_2(tmp_path, capsys, content, message):
         path.write_text(content)
     capsys.readouterr()
     assert main(["report", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert out.out == ""  # no half table
+
+
+def test_unwritable_outputs_fail_before_the_table(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(_RUN)
+    assert main(["report", str(path)]) == 0  # the hand-made run is a valid one
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("x")
+    for flag, target in (("--markdown-out", tmp_path), ("--plot-out", tmp_path / "a_file" / "p.png")):
+        assert main(["report", str(path), flag, str(target)]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith(f"ar2dlm: error: {flag} ") and out.err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "r.json"]

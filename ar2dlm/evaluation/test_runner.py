@@ -213,6 +213,8 @@ def test_parse_sweep():
     (["--task", "fidelity", "--source", "{root}/nothing.jsonl"], "not found"),
     (["--limit", "0"], "--limit"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--plot", "{root}"], "--plot"),  # a folder: was a traceback after the whole evaluation
+    (["--output", "{root}/gsm8k.jsonl/r.json"], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, args, message):
     (files["root"] / "empty.jsonl").write_text("")

@@ -45,8 +45,12 @@ class TrainConfig:
             (self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be > 0"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)"),  # < 0 would flip the gradient
             (self.lora_rank >= 0, "--lora-rank must be >= 0"),
             (self.heldout >= 0, "--heldout must be >= 0"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.eval_every >= 0, "--eval-every must be >= 0 (0: only before and after)"),
             (self.save_every >= 1, "--save-every must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be cpu, cuda or auto"),
         ]
@@ -84,6 +88,10 @@ class ConvertConfig(TrainConfig):
             (self.seq_len >= 2 * self.block_size, "--seq-len must be at least twice the block size"),
             (0 < self.mask_eps < 1, "--mask-eps must be in (0, 1)"),
             (self.half_life > 0, "--half-life must be > 0"),
+            (self.max_records is None or self.max_records >= 1, "--max-records must be >= 1"),
+            (self.self_samples >= 1 and self.self_max_new_tokens >= 1,
+             "--self-samples and --self-max-new-tokens must be >= 1"),
+            (self.self_answer_temperature >= 0, "--self-answer-temperature must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

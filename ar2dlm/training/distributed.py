@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ar2dlm.errors import Ar2dlmError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,6 +39,8 @@ def init(device_kind: str) -> tuple[DistInfo, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "auto":
         device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device_kind == "cuda" and not torch.cuda.is_available():
+        raise Ar2dlmError("--device cuda but no CUDA device is available")
     device = torch.device(device_kind, local) if device_kind == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

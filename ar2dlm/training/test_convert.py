@@ -139,6 +139,37 @@ def test_cli_bad_input_is_one_line(setup, tmp_path):
     assert res.returncode == 2 and "block-size" in res.stderr
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--log-every", "0"], "--log-every"),  # was a ZeroDivisionError at the first step
+    (["--grad-clip", "-1"], "--grad-clip"),  # was silently training with flipped gradients
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--eval-every", "-1"], "--eval-every"),  # was a held-out evaluation at every step
+    (["--max-records", "0"], "--max-records"),
+    (["--self-samples", "0"], "--self-samples"),
+    (["--output", "{tmp}/a_file"], "is a file; name a folder"),
+    (["--output", "{tmp}/a_file/run"], "is a file, not a folder"),
+])
+def test_cli_bad_settings_fail_before_loading(tmp_path, capsys, extra, message):
+    from ar2dlm.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    argv = ["convert", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ar2dlm: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cli_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    from ar2dlm.cli import main
+
+    assert main(["convert", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "run"),
+                 "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "ar2dlm: error: --device cuda but no CUDA device is available"
+
+
 def test_fsdp_matches_ddp(setup):
     base, data, root = setup
     outs = {}

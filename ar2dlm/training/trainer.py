@@ -28,6 +28,7 @@ from ar2dlm.errors import Ar2dlmError
 from ar2dlm.training import checkpoint, distributed
 from ar2dlm.training.metrics import MetricsLog
 from ar2dlm.training.optim import lr_factor, progress, set_lr
+from ar2dlm.utils.files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def gather(obj, info) -> list:
 def check_run_folder(cfg) -> None:
     """Refuse to overwrite a run, or to resume one that is not there (before any expensive work)."""
     out = Path(cfg.output)
+    check_output_dir(out, "--output")
     if cfg.resume and not checkpoint.exists(out / "checkpoint"):
         raise Ar2dlmError(f"--resume given but there is no checkpoint in {out / 'checkpoint'}")
     if not cfg.resume and checkpoint.exists(out / "checkpoint"):
