@@ -30,6 +30,7 @@ import logging
 import sys
 import zlib
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 
@@ -251,9 +252,22 @@ def run_cli(argv: list[str]) -> int:
     sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
+    except ValueError as e:
+        # lm_eval checks its arguments (unknown task names, --limit with --samples, a bad config YAML) in its config
+        # module with ValueErrors: those are the user's, one line. A ValueError from anywhere else stays a bug.
+        if _raised_in_lm_eval_config(e):
+            raise Ar2dlmError(str(e).splitlines()[0] if str(e) else "invalid lm_eval arguments") from None
+        raise
     finally:
         sys.argv = saved
     return 0
+
+
+def _raised_in_lm_eval_config(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent.parts[-2:] == ("lm_eval", "config")
 
 
 if __name__ == "__main__":

@@ -169,3 +169,8 @@ def test_cli_runs_lm_eval_and_bad_args_exit_2(files, tmp_path, monkeypatch, caps
                "--include_path", str(files["tasks"])])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("ar2dlm: error: unknown ar2dlm model_args: temprature")
+
+    rc = main(["lm-eval", "--model_args", f"pretrained={files['dlm4']}", "--tasks", "tiny_nosuchtask",
+               "--include_path", str(files["tasks"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Tasks not found" in err[0] and "tiny_nosuchtask" in err[0]
