@@ -68,7 +68,12 @@ def _check_fields(path: Path, run: dict) -> None:
 
 
 def _name(model: str | None) -> str:
-    return Path(str(model)).name or str(model)
+    """A model's short name: its folder, with the run folder in front when that is the generic `model/` that
+    `convert` and `distill` write (runs/main-A/model -> main-A/model)."""
+    path = Path(str(model))
+    if path.name == "model" and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or str(model)
 
 
 def _task(run: dict) -> str:

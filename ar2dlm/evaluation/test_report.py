@@ -104,3 +104,11 @@ def test_unwritable_outputs_fail_before_the_table(tmp_path, capsys):
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"ar2dlm: error: {flag} ") and out.err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "r.json"]
+
+
+def test_model_names_keep_the_run_folder():
+    from ar2dlm.evaluation.report import _name
+
+    assert _name("runs/main-A/model") == "main-A/model"
+    assert _name("/models/other-dlm") == "other-dlm"
+    assert _name("smollm2-135m") == "smollm2-135m"
