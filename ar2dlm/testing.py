@@ -71,3 +71,23 @@ def tiny_base(tmp_path, family: str = "llama", seed: int = 0):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_dlm_folders(root, base, blocks=(1, 4), sharpen: float = 50.0) -> dict:
+    """Save one dLM of `base` per block size as `root/dlm<B>`; returns {"dlm<B>": path}.
+
+    Block sizes above 1 get their final-norm gain multiplied by `sharpen`: a random model's logits are nearly flat,
+    and sharpened ones have no greedy near-ties and let thresholds commit several tokens a forward."""
+    from ar2dlm.model.dlm import BlockDiffusionLM
+    from ar2dlm.model.loading import load_base
+
+    out = {}
+    for block in blocks:
+        model, tok = load_base(str(base))
+        if block > 1:
+            with torch.no_grad():
+                model.model.norm.weight.mul_(sharpen)
+        out[f"dlm{block}"] = root / f"dlm{block}"
+        BlockDiffusionLM.from_base(model, tok, block_size=block, base_model=str(base)).save_pretrained(
+            out[f"dlm{block}"], tok)
+    return out

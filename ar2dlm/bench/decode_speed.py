@@ -41,6 +41,7 @@ from ar2dlm.decoding.engine import default_stop_ids, encode_prompt
 from ar2dlm.decoding.engine import DecodeConfig, Engine
 from ar2dlm.decoding.policies import DEFAULT_TAU, POLICIES, make_policy
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file, write_json
 
 HF_METHOD = "hf-generate"
@@ -267,14 +268,6 @@ def _time_pass(methods: list[_Method], groups: list[list[list[int]]], warmup: in
 
 
 # --------------------------------------------------------------------------------------------------------- run
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise Ar2dlmError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def _load_models(cfg: DecodeBenchConfig, device: torch.device):
     from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.model.loading import load_base
@@ -296,7 +289,7 @@ def _load_models(cfg: DecodeBenchConfig, device: torch.device):
 def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
     prompts = load_prompts(cfg.prompts)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
 
     prompt_ids = [encode_prompt(tok, p, chat=bool(getattr(tok, "chat_template", None))) for p in prompts]

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ar2dlm.bench.decode_speed import _resolve_device
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
+from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file, write_json
 
 # Dense bf16 peak FLOP/s of known accelerators, for model FLOPs utilisation.
@@ -58,7 +58,7 @@ def _param_count(model) -> int:
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
-    device = _resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
+    device = resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     base, tokenizer = load_base(cfg.model, dtype=torch.float32)

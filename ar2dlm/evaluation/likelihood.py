@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ar2dlm import __version__
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file
 
 SCHEMA = "ar2dlm.ppl/1"
@@ -285,18 +286,6 @@ def _ppl(nats: float) -> float:
 
 def _num(x: float) -> str:
     return f"{x:.3f}" if abs(x) < 1e6 else f"{x:.3e}"
-
-
-def resolve_device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise Ar2dlmError(f"unknown device {spec!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Ar2dlmError(f"device {spec} requested but no CUDA GPU is available")
-    return dev
 
 
 def _batches(examples, size: int):

@@ -62,8 +62,8 @@ class Ar2dlmLM(TemplateLM):
                               "policy, tau, steps_per_forward, block_parallel, samples, seed, max_length, "
                               "max_gen_toks, add_bos_token)")
         from ar2dlm.decoding.engine import DecodeConfig, Engine
-        from ar2dlm.evaluation.likelihood import resolve_device
         from ar2dlm.evaluation.runner import load_model
+        from ar2dlm.utils.devices import resolve_device
 
         if int(samples) < 1:
             raise Ar2dlmError(f"samples must be >= 1, got {samples}")

@@ -18,7 +18,7 @@ from ar2dlm.evaluation.likelihood import (
 )
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
-from ar2dlm.testing import tiny_base
+from ar2dlm.testing import tiny_base, tiny_dlm_folders
 
 DOCS = [
     "the quick brown fox jumps over the lazy dog",
@@ -35,18 +35,12 @@ CHATS = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppl")
     base = tiny_base(root)
-    for block in (1, 4):
-        model, tok = load_base(str(base))
-        if block == 4:  # sharpened (final-norm gain x50) so that greedy decoding has no near-ties
-            with torch.no_grad():
-                model.model.norm.weight.mul_(50.0)
-        dlm = BlockDiffusionLM.from_base(model, tok, block_size=block, base_model=str(base))
-        dlm.save_pretrained(root / f"dlm{block}", tok)
+    dlms = tiny_dlm_folders(root, base)
     text = root / "heldout.txt"
     text.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
     chat = root / "chat.jsonl"
     chat.write_text("".join(json.dumps(r) + "\n" for r in CHATS), encoding="utf-8")
-    return {"root": root, "base": base, "dlm1": root / "dlm1", "dlm4": root / "dlm4", "text": text, "chat": chat}
+    return {"root": root, "base": base, **dlms, "text": text, "chat": chat}
 
 
 @pytest.fixture(scope="module")

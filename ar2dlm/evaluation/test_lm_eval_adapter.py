@@ -19,9 +19,8 @@ from ar2dlm.cli import main  # noqa: E402
 from ar2dlm.decoding.engine import DecodeConfig, Engine  # noqa: E402
 from ar2dlm.evaluation.fidelity import completion_nll  # noqa: E402
 from ar2dlm.evaluation.lm_eval_adapter import Ar2dlmLM  # noqa: E402
-from ar2dlm.model.dlm import BlockDiffusionLM  # noqa: E402
 from ar2dlm.model.loading import load_base  # noqa: E402
-from ar2dlm.testing import tiny_base  # noqa: E402
+from ar2dlm.testing import tiny_base, tiny_dlm_folders  # noqa: E402
 
 GEN = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
 MC = [{"question": f"the quick brown {w}", "choices": [" fox", " dog", " cat"], "label": 0} for w in ("fox", "dog")]
@@ -38,13 +37,7 @@ def _task(name: str, data, cache, body: str) -> str:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     base = tiny_base(root)
-    for block in (1, 4):
-        model, tok = load_base(str(base))
-        if block == 4:  # sharpened (final-norm gain x50): thresholds commit several tokens a forward
-            with torch.no_grad():
-                model.model.norm.weight.mul_(50.0)
-        BlockDiffusionLM.from_base(model, tok, block_size=block, base_model=str(base)).save_pretrained(
-            root / f"dlm{block}", tok)
+    dlms = tiny_dlm_folders(root, base)
     tasks, cache = root / "tasks", root / "hf-datasets"
     tasks.mkdir()
     for name, rows in (("gen", GEN), ("mc", MC), ("roll", ROLL)):
@@ -59,7 +52,7 @@ def files(tmp_path_factory):
     (tasks / "roll.yaml").write_text(_task("tiny_roll", root / "roll.jsonl", cache, (
         'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")))
-    return {"root": root, "base": base, "dlm1": root / "dlm1", "dlm4": root / "dlm4", "tasks": tasks}
+    return {"root": root, "base": base, **dlms, "tasks": tasks}
 
 
 @pytest.fixture(autouse=True)
