@@ -108,13 +108,14 @@ def test_micro_batch_at_a_grown_block_size():
     cfg = SampleConfig(ratio_max=0.5, curriculum=False, complementary=False)
     mb = build_micro(trajs, 8, MASK, PAD, cfg, 0.0, torch.Generator().manual_seed(0), teacher_block=4)
     assert mb.block_size == 8
-    # block of 8 holds 6 generated tokens in global order [1, 0, 3, 2, 5, 4] (positions 2..7): r <= 0.5 masks the
-    # teacher's last ones, never its first; the second block (4 tokens, order 0 1 2 3) masks from its end too
+    # teacher steps (block * 4 + rank) of positions 2..7 are 1, 0, 6, 4, 7, 5, so the block of 8 holds 6 generated
+    # tokens in order [1, 0, 4, 2, 5, 3]: r <= 0.5 masks the teacher's last ones, never its first; the second block
+    # (4 tokens, order 0 1 2 3) masks from its end too
     masked = mb.masked[0].tolist()
     assert masked[:2] == [False, False] and not masked[3]
     assert masked[6] and masked[11]
-    first = [r for r, m in zip([1, 0, 3, 2, 5, 4], masked[2:8]) if m]
-    assert first and min(first) >= 6 - len(first)  # the masked ones are the last decoded
+    first = [r for r, m in zip([1, 0, 4, 2, 5, 3], masked[2:8]) if m]
+    assert first and sorted(first) == list(range(6 - len(first), 6))  # exactly the last decoded
 
 
 def test_block_size_stages():
