@@ -91,3 +91,16 @@ def tiny_dlm_folders(root, base, blocks=(1, 4), sharpen: float = 50.0) -> dict:
         BlockDiffusionLM.from_base(model, tok, block_size=block, base_model=str(base)).save_pretrained(
             out[f"dlm{block}"], tok)
     return out
+
+
+def write_jsonl(path, records):
+    """Write records as JSON lines; a string is written as the line itself (for blank or malformed lines)."""
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def masked_text(tokenizer, example, maskable: bool = True) -> str:
+    """The decoded tokens of an `Example` that are maskable (or, with maskable=False, the ones that are not)."""
+    return tokenizer.decode([i for i, m in zip(example.input_ids, example.maskable) if m == maskable])

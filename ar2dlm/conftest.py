@@ -1,4 +1,4 @@
-"""Fixtures shared by the training tests: the tiny offline tokenizer, with and without a chat template."""
+"""Fixtures shared by the tests: the tiny offline tokenizer, with and without a chat template."""
 
 import copy
 
