@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 
 from ar2dlm.decoding.compare import leading_agreement, load_prompts, trim_at_stop
-from ar2dlm.decoding.engine import default_stop_ids, encode_prompt
-from ar2dlm.decoding.engine import DecodeConfig, Engine
-from ar2dlm.decoding.policies import DEFAULT_TAU, POLICIES, make_policy
+from ar2dlm.engine import DecodeParams, Engine, default_stop_ids, encode_prompt
+from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, make_policy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file, write_json
@@ -68,8 +67,8 @@ class PolicySpec:
             base = self.policy
         return base + ("+bp" if self.block_parallel else "")
 
-    def decode_config(self, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeConfig:
-        return DecodeConfig(max_new_tokens=max_new_tokens, policy=self.policy, tau=self.tau,
+    def decode_config(self, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeParams:
+        return DecodeParams(max_new_tokens=max_new_tokens, policy=self.policy, tau=self.tau,
                             steps_per_forward=self.steps_per_forward, stop_token_ids=stop_ids,
                             block_parallel=self.block_parallel)
 
@@ -230,7 +229,7 @@ def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: i
     return _Method(HF_METHOD, "hf", run, lambda: counter.calls, None, model)
 
 
-def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeConfig, spec: PolicySpec | None, model: str,
+def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: PolicySpec | None, model: str,
                    counter: _CallCounter) -> _Method:
     """`counter` counts the calls of `dlm`'s decoder (one counter per model: the dLM methods share it)."""
     engine = Engine(dlm, tokenizer)
@@ -304,7 +303,7 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
     stops = default_stop_ids(tok)
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 
-    ar_cfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, policy="ar", stop_token_ids=stops)
+    ar_cfg = DecodeParams(max_new_tokens=cfg.max_new_tokens, policy="ar", stop_token_ids=stops)
     wrapped_calls, dlm_calls = _CallCounter(wrapped.backbone.get_decoder()), _CallCounter(dlm.backbone.get_decoder())
     methods = [
         _hf_method(parent, stops, pad_id, cfg.max_new_tokens, device, base_name),

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult, check_text
+from ar2dlm.engine import DecodeParams, Engine, GenerationResult, check_text
 from ar2dlm.decoding.generate import DecodeOptions, ModelOption, load_for_decoding
 from ar2dlm.errors import Ar2dlmError
 
@@ -28,7 +28,7 @@ class ChatConfig(DecodeOptions, ModelOption):
 class ChatSession:
     """The conversation: its turns, their rendering into prompt ids, and the context-window bookkeeping."""
 
-    def __init__(self, engine: Engine, config: DecodeConfig, system: str | None = None):
+    def __init__(self, engine: Engine, config: DecodeParams, system: str | None = None):
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise Ar2dlmError("chat needs a tokenizer with a chat template")

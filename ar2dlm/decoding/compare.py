@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ar2dlm.decoding.engine import Engine, default_stop_ids, encode_prompt
+from ar2dlm.engine import Engine, default_stop_ids, encode_prompt
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base

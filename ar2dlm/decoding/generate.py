@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult, encode_prompt
-from ar2dlm.decoding.policies import POLICIES
+from ar2dlm.engine import DecodeParams, Engine, GenerationResult, encode_prompt
+from ar2dlm.engine.policies import POLICIES
 from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, BlockDiffusionLM
 from ar2dlm.utils.files import check_output_file
 
@@ -34,8 +34,8 @@ class DecodeOptions:
     cache_delay: int = field(default=1, metadata={"help": "forwards before a finished block counts as cached"})
     refresh_every: int = field(default=0, metadata={"help": "recompute the whole cache every N forwards (0: never)"})
 
-    def decode_config(self) -> DecodeConfig:
-        return DecodeConfig(
+    def decode_config(self) -> DecodeParams:
+        return DecodeParams(
             max_new_tokens=self.max_new_tokens, policy=self.policy, tau=self.tau,
             steps_per_forward=self.steps_per_forward, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop_strings=() if self.stop is None else (self.stop,),  # '' is an error

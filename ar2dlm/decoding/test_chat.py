@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ar2dlm.cli import main
-from ar2dlm.decoding.engine import Engine
+from ar2dlm.engine import Engine
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.testing import tiny_base, tiny_model, tiny_tokenizer
 

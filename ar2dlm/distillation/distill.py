@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ar2dlm.data.batching import Batcher
+from ar2dlm.data.tokenize import DataConfig, Example, load_examples, split_heldout
 from ar2dlm.distillation.loss import DistillObjective
 from ar2dlm.distillation.samples import SampleConfig, block_size_at, build_micro
 from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajectories, write_trajectories
@@ -21,7 +23,6 @@ from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig, TrainConfig, _opt
-from ar2dlm.training.data import Batcher, DataConfig, Example, load_examples, split_heldout
 from ar2dlm.training.optim import build_optimizer
 from ar2dlm.training.trainer import Trainer, check_run_folder
 from ar2dlm.utils.files import write_json
@@ -128,7 +129,7 @@ def _prompt(e: Example) -> list[int]:
 
 def teacher_answers(teacher: BlockDiffusionLM, tokenizer, cfg: DistillConfig):
     """A `make_targets` function: each example's prompt followed by the teacher's own one-token-a-forward answer."""
-    from ar2dlm.decoding.engine import DecodeConfig, Engine
+    from ar2dlm.engine import DecodeParams, Engine
     from ar2dlm.evaluation.tasks.gsm8k import answers_match, extract_answer
 
     engine = Engine(teacher, tokenizer)
@@ -144,13 +145,13 @@ def teacher_answers(teacher: BlockDiffusionLM, tokenizer, cfg: DistillConfig):
     def make(group: list[Example]) -> list[Example]:
         prompts = [_prompt(e) for e in group]
         room = [min(cfg.teacher_max_new_tokens, cfg.seq_len - len(p)) for p in prompts]
-        results = engine.generate_batch(prompts, DecodeConfig(max_new_tokens=max(1, max(room)), **policy))
+        results = engine.generate_batch(prompts, DecodeParams(max_new_tokens=max(1, max(room)), **policy))
         answers = [r.tokens[:n] for r, n in zip(results, room)]
         if cfg.grade == "gsm8k":
             wrong = [i for i, (e, a) in enumerate(zip(group, answers)) if not correct(e, a)]
             if wrong:
                 retry = engine.generate_batch([prompts[i] for i in wrong],
-                                              DecodeConfig(max_new_tokens=max(1, max(room)), temperature=0.3,
+                                              DecodeParams(max_new_tokens=max(1, max(room)), temperature=0.3,
                                                            seed=cfg.seed, **policy))
                 for i, r in zip(wrong, retry):
                     answers[i] = r.tokens[:room[i]] if correct(group[i], r.tokens[:room[i]]) else []

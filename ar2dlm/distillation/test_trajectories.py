@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from ar2dlm.decoding.engine import DecodeConfig, Engine
+from ar2dlm.data.tokenize import Example
 from ar2dlm.distillation.trajectories import read_trajectories, replay, replay_ranks, write_trajectories
+from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.testing import tiny_model, tiny_tokenizer
-from ar2dlm.training.data import Example
 
 
 def _dlm(token_shift=True, block_size=4, seed=5):
@@ -51,7 +51,7 @@ def test_replay_reproduces_the_engine_decoding_order(token_shift, prompt_len):
     dlm, tok = _dlm(token_shift)
     torch.manual_seed(0)
     prompt = torch.randint(3, len(tok) - 1, (prompt_len,)).tolist()
-    cfg = DecodeConfig(max_new_tokens=14, policy="steps", steps_per_forward=1, stop_token_ids=())
+    cfg = DecodeParams(max_new_tokens=14, policy="steps", steps_per_forward=1, stop_token_ids=())
     engine = Engine(dlm, tok)
     res, order = _engine_order(engine, prompt, cfg)
     assert len(res.tokens) == 14

@@ -61,14 +61,14 @@ class Ar2dlmLM(TemplateLM):
             raise Ar2dlmError(f"unknown ar2dlm model_args: {', '.join(sorted(unknown))} (accepted: pretrained, "
                               "policy, tau, steps_per_forward, block_parallel, samples, seed, max_length, "
                               "max_gen_toks, add_bos_token)")
-        from ar2dlm.decoding.engine import DecodeConfig, Engine
+        from ar2dlm.engine import DecodeParams, Engine
         from ar2dlm.evaluation.runner import load_model
         from ar2dlm.utils.devices import resolve_device
 
         if int(samples) < 1:
             raise Ar2dlmError(f"samples must be >= 1, got {samples}")
         # validate the decode settings before loading anything
-        self._decode = DecodeConfig(policy=str(policy), tau=tau, steps_per_forward=int(steps_per_forward),
+        self._decode = DecodeParams(policy=str(policy), tau=tau, steps_per_forward=int(steps_per_forward),
                                     block_parallel=bool(block_parallel), seed=int(seed))
         self.samples, self.seed, self.max_gen_toks = int(samples), int(seed), int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)

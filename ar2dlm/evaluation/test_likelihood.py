@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ar2dlm.cli import main
-from ar2dlm.decoding.engine import Engine
+from ar2dlm.engine import Engine
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.evaluation.likelihood import (
     PplConfig, ar_nll, diffusion_nll, draw_masks, greedy_match, load_sequences, make_batch, masked_ce, row_seed,

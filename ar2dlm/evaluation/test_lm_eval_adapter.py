@@ -16,7 +16,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from ar2dlm.cli import main  # noqa: E402
-from ar2dlm.decoding.engine import DecodeConfig, Engine  # noqa: E402
+from ar2dlm.engine import DecodeParams, Engine  # noqa: E402
 from ar2dlm.evaluation.fidelity import completion_nll  # noqa: E402
 from ar2dlm.evaluation.lm_eval_adapter import Ar2dlmLM  # noqa: E402
 from ar2dlm.model.loading import load_base  # noqa: E402
@@ -89,7 +89,7 @@ def test_simple_evaluate_runs_generation_choice_and_rolling_tasks(files, made):
 
     # generations are exactly what the engine decodes for the prompt with the task's stop strings and budget
     engine = Engine(lm.dlm, lm.tokenizer)
-    dcfg = DecodeConfig(max_new_tokens=6, policy="threshold", tau=0.9, stop_strings=("\n", "Q:", "ss"))
+    dcfg = DecodeParams(max_new_tokens=6, policy="threshold", tau=0.9, stop_strings=("\n", "Q:", "ss"))
     cut = 0
     for s in out["samples"]["tiny_gen"]:
         prompt = s["arguments"][0][0]

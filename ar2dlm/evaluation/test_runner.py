@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ar2dlm.cli import main
-from ar2dlm.decoding.engine import DecodeConfig, Engine, GenerationResult
+from ar2dlm.engine import DecodeParams, Engine, GenerationResult
 from ar2dlm.evaluation.aup import aup
 from ar2dlm.evaluation.fidelity import completion_nll
 from ar2dlm.evaluation.runner import EvalConfig, PartialStore, parse_sweep
@@ -96,7 +96,7 @@ def test_gsm8k_scorer_sees_the_exact_completions(files, tmp_path, monkeypatch):
     # The same as decoding each prompt alone with the engine.
     dlm, tok = BlockDiffusionLM.from_pretrained(files["dlm4"])
     engine = Engine(dlm, tok)
-    cfg = DecodeConfig(max_new_tokens=8, tau=0.6, stop_strings=("Question:",))
+    cfg = DecodeParams(max_new_tokens=8, tau=0.6, stop_strings=("Question:",))
     for prompt in res["prompts"]:
         assert engine.generate(tok(prompt["prompt"])["input_ids"], cfg).text == seen[prompt["id"]]
 

@@ -9,33 +9,52 @@ import typing
 
 
 def _base_type(tp):
-    """`int | None` -> int; plain types pass through."""
+    """`int | None` -> int; `tuple[str, ...]` -> (str, True); plain types pass through. Returns (type, repeated)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+        tp = args[0]
+    if typing.get_origin(tp) is tuple:
+        return typing.get_args(tp)[0], True
+    return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Add `--field-name` for every field of `cls`; help comes from field metadata['help']."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                       title: str | None = None) -> None:
+    """Add `--field-name` for every field of `cls`; help comes from field metadata['help'], the flag name from
+    metadata['flag'] when given; fields with metadata['cli'] False are left out. A tuple field is a repeatable flag.
+    `defaults` overrides the dataclass defaults on this parser."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
+    group = parser.add_argument_group(title or cls.__name__)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("cli", True):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
-        tp = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        tp, repeated = _base_type(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = defaults.get(f.name, None if required else f.default)
+        shown = "" if required or default in (None, ()) else f" (default: {default})"
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{help_text} (default: {default})")
+        elif repeated:
+            group.add_argument(flag, dest=f.name, type=tp, action="append", default=None, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=tp, default=default, choices=f.metadata.get("choices"),
-                               required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                               help=f"{help_text} (default: {default})")
+                               required=required, help=f"{help_text}{shown}")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    """The dataclass of parsed options; a repeatable flag given no time keeps the field's default."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in vars(args):
+            continue
+        value = getattr(args, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        elif value is None and _base_type(typing.get_type_hints(cls)[f.name])[1]:
+            continue
+        values[f.name] = value
+    return cls(**values)

@@ -1,4 +1,4 @@
-"""The per-sequence block schedule of the cached engine: which positions each forward feeds, which logit predicts
+"""The per-sequence block state of the cached engine: which positions each forward feeds, which logit predicts
 which masked position, what gets committed, and when a finished block's keys/values count as cached.
 
 Blocks are aligned to absolute positions 0, B, 2B, ... (prompt included), as in training, so the first block after
@@ -30,22 +30,14 @@ nothing at all. None of this changes a logit that is used, so tokens and NFE sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ar2dlm.decoding.policies import Policy, Sampling
+from ar2dlm.engine.policies import Policy, Sampling
 
-
-@dataclass(frozen=True)
-class Schedule:
-    """Multi-block knobs (see DecodeConfig); the defaults give single-block decoding."""
-
-    block_parallel: bool = False
-    p_add: float = 0.1
-    activate_ratio: float = 0.95
-    max_open_blocks: int = 4
-    cache_delay: int = 1
-    refresh_every: int = 0
+if TYPE_CHECKING:
+    from ar2dlm.engine.params import DecodeParams
 
 
 @dataclass
@@ -60,14 +52,15 @@ class Plan:
         return self.fed_end - self.fed_start
 
 
-class RowState:
-    """One sequence being generated."""
+class BlockState:
+    """The blocks of one sequence being generated: its tokens, which are still masked, which blocks are open, and
+    how far its K/V are cached. `params` is the request's DecodeParams (only the multi-block knobs are read)."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, block_size: int, mask_id: int,
-                 token_shift: bool, schedule: Schedule, leftmost_only: bool = False):
+                 token_shift: bool, params: "DecodeParams", leftmost_only: bool = False):
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
-        self.bsz, self.mask_id, self.shift, self.sched = block_size, mask_id, token_shift, schedule
+        self.block_size, self.mask_id, self.token_shift, self.params = block_size, mask_id, token_shift, params
         self.leftmost_only = leftmost_only  # the policy only ever commits the leftmost candidate (`ar`)
         self.toks = list(prompt_ids) + [mask_id] * max_new_tokens
         # Tracked apart from the token value so a prompt that happens to contain the mask id is never "masked".
@@ -80,17 +73,12 @@ class RowState:
         self.cached = 0
         self.decoded = self.prompt_len  # end of the decoded prefix (first masked position)
         self.nfe = 0
-        self.done = False
-        self.n_tokens = 0  # kept tokens once done
-        self.stop_reason: str | None = None
-        self.t_first: float | None = None
-        self.t_end: float | None = None
         self._open_next()
 
     # --------------------------------------------------------------------------------------------- blocks
     def span(self, k: int) -> tuple[int, int]:
         """Generated positions of block k (prompt positions excluded, cut at the length limit)."""
-        return max(k * self.bsz, self.prompt_len), min((k + 1) * self.bsz, self.limit)
+        return max(k * self.block_size, self.prompt_len), min((k + 1) * self.block_size, self.limit)
 
     def fraction(self, k: int) -> float:
         lo, hi = self.span(k)
@@ -99,28 +87,28 @@ class RowState:
         return 1.0 - sum(self.pending[lo:hi]) / (hi - lo)
 
     def _open_next(self) -> None:
-        if self.next_block * self.bsz < self.limit:
+        if self.next_block * self.block_size < self.limit:
             self.open.append(self.next_block)
             self.next_block += 1
 
     # --------------------------------------------------------------------------------------------- forward
     def plan(self) -> Plan:
-        refresh = self.sched.refresh_every and self.nfe and self.nfe % self.sched.refresh_every == 0
+        refresh = self.params.refresh_every and self.nfe and self.nfe % self.params.refresh_every == 0
         fed_start = 0 if refresh else self.cached
-        final_end = self.open[0] * self.bsz
+        final_end = self.open[0] * self.block_size
         need = []
         # The clean predictor of the first open block's first position, when it is due (this forward feeds it).
         due = None
-        if (self.shift and fed_start < final_end < self.limit and self.pending[final_end]
+        if (self.token_shift and fed_start < final_end < self.limit and self.pending[final_end]
                 and final_end not in self.clean_logit):
             due = final_end
             need.append(final_end - 1)
         for _, m in self._candidates(due):
-            if not (self.shift and m % self.bsz == 0):  # a block start reads the clean logit
-                need.append(m - 1 if self.shift else m)
+            if not (self.token_shift and m % self.block_size == 0):  # a block start reads the clean logit
+                need.append(m - 1 if self.token_shift else m)
         fed_end = final_end
         if need and need[-1] >= final_end:
-            fed_end = min((need[-1] // self.bsz + 1) * self.bsz, self.limit)
+            fed_end = min((need[-1] // self.block_size + 1) * self.block_size, self.limit)
         return Plan(fed_start, fed_end, final_end, need)
 
     def _candidates(self, due: int | None = None):
@@ -132,40 +120,36 @@ class RowState:
             for m in range(start, end):
                 if not self.pending[m]:
                     continue
-                if self.shift and m % self.bsz == 0 and m != due and m not in self.clean_logit:
+                if self.token_shift and m % self.block_size == 0 and m != due and m not in self.clean_logit:
                     continue  # predecessor not final yet: nothing predicts m properly, it waits
                 yield k, m
                 if self.leftmost_only:
                     return
 
     def apply(self, plan: Plan, logits: torch.Tensor | None, policy: Policy, sampling: Sampling,
-              generator: torch.Generator | None, now: float) -> tuple[int, int]:
+              generator: torch.Generator | None) -> tuple[int, int]:
         """Commit from this forward's logits (one row per position of `plan.logit_pos`, in order); returns the
         decoded prefix (old end, new end) so the caller can look for stop tokens/strings in what just became final."""
         self.nfe += 1
-        B = self.bsz
+        B = self.block_size
         row_of = {p: j for j, p in enumerate(plan.logit_pos)}
-        if self.shift and plan.final_end - 1 in row_of:
+        if self.token_shift and plan.final_end - 1 in row_of:
             # the clean predictor of the first open block's first position; kept for its later forwards
             self.clean_logit[plan.final_end] = logits[row_of[plan.final_end - 1]].clone()
         # "Fully active" is decided on the input state: the block's predecessor is (almost) done.
         for i, k in enumerate(self.open):
-            if i == 0 or self.fraction(k - 1) >= self.sched.activate_ratio:
+            if i == 0 or self.fraction(k - 1) >= self.params.activate_ratio:
                 self.fully_active.add(k)
-        committed = False
         by_block: dict[int, list[int]] = {}
         for k, m in self._candidates():
             by_block.setdefault(k, []).append(m)
         for k, where in by_block.items():
-            rows = [self.clean_logit[m] if self.shift and m % B == 0 else logits[row_of[m - 1 if self.shift else m]]
+            rows = [self.clean_logit[m] if self.token_shift and m % B == 0 else logits[row_of[m - 1 if self.token_shift else m]]
                     for m in where]
             commit, tokens = policy.step(torch.stack(rows), k in self.fully_active, sampling, generator)
             for m, c, t in zip(where, commit.tolist(), tokens.tolist()):
                 if c:
                     self.toks[m], self.pending[m] = t, False
-                    committed = True
-        if committed and self.t_first is None:
-            self.t_first = now
         self.open = [k for k in self.open if self.fraction(k) < 1.0]
         for k in list(self.clean_logit):
             if not self.pending[k]:
@@ -174,15 +158,15 @@ class RowState:
         # Blocks fed while final now have final K/V in their slots; after `cache_delay` such forwards they are cached.
         for b in range(plan.fed_start // B, plan.final_end // B):
             self.final_count[b] = self.final_count.get(b, 0) + 1
-        while self.cached < plan.final_end and self.final_count.get(self.cached // B, 0) >= self.sched.cache_delay:
+        while self.cached < plan.final_end and self.final_count.get(self.cached // B, 0) >= self.params.cache_delay:
             self.cached += B
 
         # Open the next block: single-block when the current one is done; multi-block as soon as the last opened one
         # is `p_add` decoded (one new block per forward at most, bounded by `max_open_blocks`).
         if not self.open:
             self._open_next()
-        elif self.sched.block_parallel and len(self.open) < self.sched.max_open_blocks \
-                and self.fraction(self.next_block - 1) >= self.sched.p_add:
+        elif self.params.block_parallel and len(self.open) < self.params.max_open_blocks \
+                and self.fraction(self.next_block - 1) >= self.params.p_add:
             self._open_next()
 
         old = self.decoded
@@ -190,12 +174,6 @@ class RowState:
             self.decoded += 1
         return old, self.decoded
 
-    def finish(self, n_tokens: int, reason: str, now: float) -> None:
-        self.done, self.n_tokens, self.stop_reason, self.t_end = True, n_tokens, reason, now
+    def release(self) -> None:
+        """The sequence is over: drop the stored logits (the only tensors it holds)."""
         self.clean_logit.clear()
-
-    @property
-    def tokens(self) -> list[int]:
-        """Generated tokens: the kept ones once done, the decoded prefix before."""
-        n = self.n_tokens if self.done else self.decoded - self.prompt_len
-        return self.toks[self.prompt_len:self.prompt_len + n]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ar2dlm.decoding.compare import CompareConfig, leading_agreement, run_compare
-from ar2dlm.decoding.reference import reference_generate
+from ar2dlm.engine.reference import reference_generate
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.testing import tiny_model, tiny_tokenizer

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from ar2dlm.decoding.engine import DecodeConfig, Engine
-from ar2dlm.decoding.policies import (ArPolicy, EntropyPolicy, Proposal, Sampling, StepsPolicy, ThresholdPolicy,
+from ar2dlm.engine import DecodeParams, Engine
+from ar2dlm.engine.policies import (ArPolicy, EntropyPolicy, Proposal, Sampling, StepsPolicy, ThresholdPolicy,
                                       make_policy, propose)
-from ar2dlm.decoding.reference import reference_generate
+from ar2dlm.engine.reference import reference_generate
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
 from ar2dlm.testing import tiny_model, tiny_tokenizer
@@ -78,8 +78,8 @@ def _record_forwards(engine, monkeypatch):
     engine.dlm.backbone.get_decoder().register_forward_hook(
         lambda mod, args, kwargs, out: fed.append((kwargs["inputs_embeds"].shape[1],
                                                    kwargs["attention_mask"].shape[-1])), with_kwargs=True)
-    logits = engine._logits
-    monkeypatch.setattr(engine, "_logits", lambda hidden: heads.append(hidden.shape[0]) or logits(hidden))
+    logits = engine.runner._logits
+    monkeypatch.setattr(engine.runner, "_logits", lambda hidden: heads.append(hidden.shape[0]) or logits(hidden))
     return fed, heads
 
 
@@ -118,20 +118,20 @@ def test_ar_policy_on_a_block_dlm_skips_the_open_block(tok, monkeypatch):
 def test_forward_with_nothing_to_feed():
     """A step whose only masked position is a block start with a stored clean logit, after the finished block has
     been cached, feeds nothing (no model call) but still counts as a forward, as in the reference decoder."""
-    from ar2dlm.decoding.schedule import RowState, Schedule
+    from ar2dlm.engine.blocks import BlockState
 
     vocab, policy = 8, ThresholdPolicy(0.5)
     peaked = torch.full((vocab,), -10.0)
     peaked[3] = 10.0
     flat = torch.zeros(vocab)
-    row = RowState([1, 2, 3, 4], 8, block_size=4, mask_id=7, token_shift=True, schedule=Schedule())
+    row = BlockState([1, 2, 3, 4], 8, block_size=4, mask_id=7, token_shift=True, params=DecodeParams())
     p = row.plan()
     assert (p.fed_start, p.fed_end, p.final_end, p.logit_pos) == (0, 8, 4, [3, 4, 5, 6])
-    row.apply(p, torch.stack([flat, peaked, peaked, peaked]), policy, Sampling(), None, 0.0)  # 5, 6, 7; not 4
+    row.apply(p, torch.stack([flat, peaked, peaked, peaked]), policy, Sampling(), None)  # 5, 6, 7; not 4
     assert row.pending[4:8] == [True, False, False, False] and row.cached == 4
     p = row.plan()
     assert p.fed == 0 and p.logit_pos == []
-    old, new = row.apply(p, None, policy, Sampling(), None, 0.0)  # 4 from the stored clean logit
+    old, new = row.apply(p, None, policy, Sampling(), None)  # 4 from the stored clean logit
     assert row.nfe == 2 and not row.pending[4] and (old, new) == (4, 8)
     p = row.plan()
     assert (p.fed_start, p.fed_end, p.logit_pos) == (4, 12, [7, 8, 9, 10])
@@ -140,44 +140,49 @@ def test_forward_with_nothing_to_feed():
 def test_padding_queries_never_touch_cached_slots(tok):
     """In a batch, a row with nothing to feed (all its slots cached) is all dummy queries: they must not write into
     its cached slots, however short the other rows' fed ranges are."""
-    from ar2dlm.decoding.cache import SlotKVCache
-    from ar2dlm.decoding.schedule import Plan, RowState, Schedule
+    from ar2dlm.engine.blocks import BlockState, Plan
 
     dlm = _dlm(tok, block_size=4)
-    engine = Engine(dlm, tok)
-    rows = [RowState(list(range(3, 15)), 8, 4, dlm.config.mask_token_id, True, Schedule()),
-            RowState([5, 6, 7], 8, 4, dlm.config.mask_token_id, True, Schedule())]
-    cache = SlotKVCache(dlm.hf_config.num_hidden_layers, 21)
-    blk = torch.arange(21) // 4
-    engine._forward(rows, {0: Plan(0, 12, 12, [11]), 1: Plan(0, 4, 0, [2, 3])}, cache, blk)
+    runner = Engine(dlm, tok).runner
+    rows = [BlockState(list(range(3, 15)), 8, 4, dlm.config.mask_token_id, True, DecodeParams()),
+            BlockState([5, 6, 7], 8, 4, dlm.config.mask_token_id, True, DecodeParams())]
+    cache = runner.new_cache(2)
+    cache.reserve(21)
+    cache.allocate(), cache.allocate()
+    runner.forward(cache, 0, list(zip(rows, [Plan(0, 12, 12, [11]), Plan(0, 4, 0, [2, 3])])))
+    rows[0].cached = 12
     before = [layer.keys[0, :, :12].clone() for layer in cache.layers]
-    logits = engine._forward(rows, {0: Plan(12, 12, 12, []), 1: Plan(0, 4, 0, [2, 3])}, cache, blk)
-    assert list(logits) == [1] and logits[1].shape[0] == 2
+    logits = runner.forward(cache, 0, list(zip(rows, [Plan(12, 12, 12, []), Plan(0, 4, 0, [2, 3])])))
+    assert logits[0] is None and logits[1].shape[0] == 2
     assert all(torch.equal(layer.keys[0, :, :12], b) for layer, b in zip(cache.layers, before))
 
 
 def test_lm_head_shortcuts_equal_the_model_head(tok):
     dlm = _dlm(tok)
-    engine = Engine(dlm, tok)
+    runner = Engine(dlm, tok).runner
     h = torch.randn(9, dlm.hf_config.hidden_size)
     for n in (1, 2, 5, 8, 9):
-        assert torch.allclose(engine._logits(h[:n]), dlm.logits(h[:n]), rtol=1e-5, atol=1e-5), n
+        assert torch.allclose(runner._logits(h[:n]), dlm.logits(h[:n]), rtol=1e-5, atol=1e-5), n
     with torch.no_grad():  # an in-place change of the weight: the transposed copy must follow
         dlm.backbone.get_output_embeddings().weight.mul_(2.0)
-    assert torch.allclose(engine._logits(h[:1]), dlm.logits(h[:1]), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(runner._logits(h[:1]), dlm.logits(h[:1]), rtol=1e-5, atol=1e-5)
 
 
-def test_slot_cache_hands_attention_the_leading_slots_only():
-    from ar2dlm.decoding.cache import SlotKVCache
+def test_cache_pool_hands_attention_the_leading_slots_only():
+    from ar2dlm.engine.kv_cache import KVCachePool
 
-    cache = SlotKVCache(num_layers=1, max_len=10)
+    cache = KVCachePool(num_layers=1, max_rows=2, length=10)
+    assert cache.length == 64  # rounded up
+    cache.allocate()
     k = torch.randn(1, 2, 2, 4)
-    cache.set_write_index(torch.tensor([[3, 4]]), kv_len=5)
+    cache.bind(0, torch.tensor([[3, 4]]), kv_len=5)
     keys, values = cache.layers[0].update(k, k + 1)
     assert keys.shape == (1, 2, 5, 4) and torch.equal(keys[:, :, 3:5], k) and torch.equal(values[:, :, 3:5], k + 1)
     assert keys.data_ptr() == cache.layers[0].keys.data_ptr()  # a view of the buffer, not a copy
     with pytest.raises(ValueError):
-        cache.set_write_index(torch.tensor([[3]]), kv_len=11)
+        cache.bind(0, torch.tensor([[3]]), kv_len=65)
+    with pytest.raises(ValueError):  # row 1 is not allocated
+        cache.bind(1, torch.tensor([[3]]), kv_len=5)
 
 
 def test_ar_policy_reproduces_hf_generate(tok):
@@ -350,7 +355,7 @@ def test_bad_parameters(tok):
     assert len(res.tokens) == 6 and res.stop_reason == "length"
     with pytest.raises(Ar2dlmError):
         Engine(dlm).generate("text needs a tokenizer")
-    assert DecodeConfig().policy == "threshold"
+    assert DecodeParams().policy == "threshold"
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,212 @@
+"""The one definition of decoding parameters: what the engine takes per request, and what every command, eval sweep,
+benchmark spec, lm-eval model argument and server request is turned into.
+
+    params = DecodeParams(policy="threshold", tau=0.7, max_new_tokens=64)
+    DecodeParams.from_spec("entropy:0.5+bp")           # the benchmark's compact spec
+    params.with_setting("tau", "0.8")                  # an eval sweep point, the value given as text
+    DecodeParams.from_mapping({"policy": "ar"})        # lm-eval model_args / an HTTP body: values checked by type
+
+The command-line options are derived from the fields once (`add_decode_args`); a field's metadata holds its help
+text, and `cli: False` keeps it off the command line (stop token ids are the model's, not the user's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, Policy, Sampling, make_policy
+from ar2dlm.errors import Ar2dlmError
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeParams:
+    policy: str = field(default="threshold", metadata={"help": "commit policy", "choices": list(POLICIES)})
+    tau: float | None = field(default=None, metadata={
+        "help": "threshold: commit tokens whose confidence is above this (default 0.9); entropy: below this many "
+                "nats (default 0.5)"})
+    steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k likeliest tokens (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (every request gets its own generator)"})
+    stop_strings: tuple[str, ...] = field(default=(), metadata={
+        "help": "stop string: the text is cut before it (repeat the flag for several)", "flag": "stop"})
+    stop_token_ids: tuple[int, ...] | None = field(default=None, metadata={
+        "cli": False, "help": "None: the tokenizer's EOS and end-of-turn tokens"})
+    block_parallel: bool = field(default=False, metadata={"help": "multi-block decoding (several blocks at once)"})
+    p_add: float = field(default=0.1, metadata={
+        "help": "multi-block: open a new block when the last opened one is this decoded"})
+    activate_ratio: float = field(default=0.95, metadata={
+        "help": "multi-block: a block must commit every forward once its predecessor is this decoded"})
+    max_open_blocks: int = field(default=4, metadata={"help": "multi-block: blocks decoded at once at most"})
+    cache_delay: int = field(default=1, metadata={"help": "forwards before a finished block counts as cached"})
+    refresh_every: int = field(default=0, metadata={"help": "recompute the whole cache every N forwards (0: never)"})
+
+    def __post_init__(self):
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        elif not isinstance(self.stop_strings, tuple):
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.max_new_tokens < 1:
+            raise Ar2dlmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.policy not in POLICIES:
+            raise Ar2dlmError(f"unknown decoding policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        self.make_policy()  # validates tau / k
+        self.sampling()  # validates temperature / top_p / top_k
+        if self.block_parallel and self.policy == "ar":
+            raise Ar2dlmError("the ar policy decodes one token a forward; block-parallel needs threshold/entropy/steps")
+        for name in ("p_add", "activate_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise Ar2dlmError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_open_blocks < 1 or self.cache_delay < 1 or self.refresh_every < 0:
+            raise Ar2dlmError("max_open_blocks and cache_delay must be >= 1, refresh_every >= 0")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise Ar2dlmError("stop strings must be non-empty text")
+
+    # ------------------------------------------------------------------------------------------ derived objects
+    def make_policy(self) -> Policy:
+        return make_policy(self.policy, self.tau, self.steps_per_forward)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.top_k)
+
+    @property
+    def label(self) -> str:
+        """A short name of the commit setting: `threshold:0.9`, `entropy:0.5`, `steps:2`, `ar`, `+bp` multi-block."""
+        if self.policy in DEFAULT_TAU:
+            base = f"{self.policy}:{self.make_policy().tau:g}"
+        elif self.policy == "steps":
+            base = f"steps:{self.steps_per_forward}"
+        else:
+            base = self.policy
+        return base + ("+bp" if self.block_parallel else "")
+
+    def replace(self, **changes) -> "DecodeParams":
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------------------------------- from text/mappings
+    @classmethod
+    def from_spec(cls, text: str, **base) -> "DecodeParams":
+        """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`; a bare name takes the default
+        value; a `+bp` suffix turns on multi-block decoding. `base` gives the other fields."""
+        spec = text.strip()
+        body, bp = (spec[:-3], True) if spec.endswith("+bp") else (spec, False)
+        name, sep, value = body.partition(":")
+        name, value = name.strip(), value.strip()
+        if name not in POLICIES:
+            raise Ar2dlmError(f"unknown policy {name!r} in spec {spec!r} (choose from {', '.join(POLICIES)})")
+        if sep and not value:
+            raise Ar2dlmError(f"policy spec {spec!r} has no value after ':'")
+        fields = dict(base, policy=name, block_parallel=bp)
+        if name == "ar" and value:
+            raise Ar2dlmError(f"the ar policy takes no value, got {spec!r}")
+        if name == "steps" and value:
+            fields["steps_per_forward"] = _parse_value("steps_per_forward", value, f"steps:K in {spec!r}")
+        elif name in DEFAULT_TAU and value:
+            fields["tau"] = _parse_value("tau", value, f"{name}:TAU in {spec!r}")
+        return cls(**fields)
+
+    def with_setting(self, name: str, text: str) -> "DecodeParams":
+        """A copy with one field set from its text form (eval sweeps: `tau=0.5,0.7`)."""
+        key = name.strip().replace("-", "_")
+        if key not in sweepable_fields():
+            raise Ar2dlmError(f"unknown decode setting {name!r} (choose from {', '.join(sweepable_fields())})")
+        return self.replace(**{key: _parse_value(key, text, key)})
+
+    @classmethod
+    def from_mapping(cls, values: dict, **base) -> "DecodeParams":
+        """From a mapping of field names to values given as text or as values of the field's type (lm-eval
+        model_args, a request body): a value of the wrong type is an error, never silently coerced."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise Ar2dlmError(f"unknown decode setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(known))})")
+        fields = dict(base)
+        for key, value in values.items():
+            fields[key] = _parse_value(key, value, key) if isinstance(value, str) else _check_type(key, value)
+        return cls(**fields)
+
+
+_HINTS = typing.get_type_hints(DecodeParams)
+_NOT_SWEEPABLE = ("stop_token_ids", "stop_strings")
+
+
+def sweepable_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(DecodeParams) if f.name not in _NOT_SWEEPABLE]
+
+
+def _scalar_type(key: str) -> tuple[type, bool]:
+    """(the field's scalar type, whether None is allowed)."""
+    tp = _HINTS[key]
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    return tp, optional
+
+
+def _parse_value(key: str, text: str, what: str):
+    tp, optional = _scalar_type(key)
+    text = text.strip()
+    if optional and text.lower() == "none":
+        return None
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    elif tp is str:
+        return (text,) if key == "stop_strings" else text
+    else:
+        try:
+            return tp(text)
+        except (TypeError, ValueError):
+            pass
+    raise Ar2dlmError(f"{what}: {text!r} is not a valid {tp.__name__}")
+
+
+def _check_type(key: str, value):
+    tp, optional = _scalar_type(key)
+    if value is None and optional:
+        return None
+    if typing.get_origin(_HINTS[key]) is tuple or key in ("stop_strings", "stop_token_ids"):
+        items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, tp) and not isinstance(v, bool)
+                                                           for v in items):
+            raise Ar2dlmError(f"{key} must be a list of {tp.__name__}")
+        return tuple(items)
+    ok = isinstance(value, bool) if tp is bool else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and (tp is float or float(value).is_integer())
+    )
+    if tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise Ar2dlmError(f"{key} must be a {tp.__name__}, got {value!r}")
+    return tp(value)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_decode_args(parser: argparse.ArgumentParser, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    """`--policy`, `--tau`, ... for every command-line field of DecodeParams; `defaults` overrides a default (eval
+    generates 256 tokens by default), `skip` leaves fields out (a command that sets them itself)."""
+    from ar2dlm.utils.cli_config import add_dataclass_args
+
+    add_dataclass_args(parser, DecodeParams, skip=skip, defaults=defaults, title="decoding")
+
+
+def decode_params_from_args(args: argparse.Namespace, **fixed) -> DecodeParams:
+    """The DecodeParams of parsed options (fields a command skipped come from `fixed` or the defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeParams)
+              if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    if values.get("stop_strings") is None:
+        values.pop("stop_strings", None)
+    return DecodeParams(**values, **fixed)

@@ -1,0 +1,135 @@
+"""The model runner: turns the plans of one forward into ids, positions and an attention mask, runs the backbone on
+the cache rows it is given, and returns the logits the plans read. The only part of the engine that touches the
+model.
+
+A forward runs on a contiguous range of cache-pool rows. Each row feeds the slots `[fed_start, fed_end)` of its
+plan; rows feed different lengths, so shorter rows are padded with dummy queries, and a row in the range that feeds
+nothing this forward (it waits, or its one masked position reads a stored logit) is all dummy queries. Dummy queries
+write to and read only one slot `pad`, at or past every row's fed end *and* its first uncached slot: every slot from a
+row's first uncached one on is rewritten, by real tokens, in the forward that next reads it, so the garbage never
+reaches a used logit. The mask is [batch, 1, fed, kv_len] boolean: block-causal by absolute position, slots at or
+past each row's fed end masked. Attention reads slots [0, kv_len) only (a view of the pool's buffers).
+
+Only the positions whose logits are read go through the LM head (on a CPU in a layout MKL streams about twice as
+fast as nn.Linear's, see `_logits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ar2dlm.engine.blocks import BlockState, Plan
+from ar2dlm.engine.kv_cache import KVCachePool
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM
+
+
+class ModelRunner:
+    def __init__(self, dlm: BlockDiffusionLM):
+        if dlm.attention_backend != "sdpa":
+            raise Ar2dlmError("the decoding engine needs the sdpa attention backend (dense boolean masks)")
+        self.dlm = dlm.eval()
+        self.block_size = dlm.config.block_size
+        self.mask_id = dlm.config.mask_token_id
+        self._slot_block = torch.zeros(0, dtype=torch.long)  # the block of every slot, see _blocks_of_slots
+        self._head_t_cache: torch.Tensor | None = None  # see _head_t
+        self._head_t_key = None
+
+    def new_cache(self, max_rows: int) -> KVCachePool:
+        return KVCachePool(self.dlm.hf_config.num_hidden_layers, max_rows)
+
+    @torch.no_grad()
+    def forward(self, cache: KVCachePool, row_start: int,
+                rows: Sequence[tuple[BlockState, Plan | None]]) -> list[torch.Tensor | None]:
+        """One forward over cache rows [row_start, row_start + len(rows)); a row's plan may be None (it only pads).
+        Returns per row the logits of its plan's `logit_pos` ([N, V]), or None where it reads none."""
+        fed = [p if p is not None and p.fed else None for _, p in rows]
+        if not any(fed):
+            return [None] * len(rows)
+        if len(rows) == 1:
+            ids, pos, mask, kv_len = self._single(rows[0][0], fed[0])
+        else:
+            ids, pos, mask, kv_len = self._padded(rows, fed)
+        cache.bind(row_start, pos, kv_len)
+        out = self.dlm.backbone.get_decoder()(inputs_embeds=self.dlm.embed(ids), attention_mask=mask,
+                                              position_ids=pos, past_key_values=cache, use_cache=True)
+        return self._pick_logits(out.last_hidden_state, fed)
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _blocks_of_slots(self, length: int) -> torch.Tensor:
+        if self._slot_block.shape[0] < length or self._slot_block.device != self.dlm.device:
+            size = max(length, 2 * self._slot_block.shape[0])
+            self._slot_block = torch.arange(size, device=self.dlm.device) // self.block_size
+        return self._slot_block
+
+    def _single(self, blocks: BlockState, plan: Plan):
+        """One sequence: no padding, the fed range is contiguous."""
+        dev, lo, hi = self.dlm.device, plan.fed_start, plan.fed_end
+        blk = self._blocks_of_slots(hi)
+        ids = torch.tensor([blocks.toks[lo:hi]], device=dev)
+        pos = torch.arange(lo, hi, device=dev)[None]
+        mask = (blk[None, :hi] <= blk[lo:hi, None])[None, None]
+        return ids, pos, mask, hi
+
+    def _padded(self, rows, fed):
+        dev = self.dlm.device
+        q = max(p.fed for p in fed if p is not None)
+        pad = max([p.fed_end for p in fed if p is not None] + [b.cached for b, _ in rows])
+        kv_len = pad + 1
+        id_rows, pos_rows, ends = [], [], []
+        for (blocks, _), p in zip(rows, fed):
+            lo, hi = (p.fed_start, p.fed_end) if p is not None else (0, 0)
+            id_rows.append(blocks.toks[lo:hi] + [self.mask_id] * (q - hi + lo))
+            pos_rows.append(list(range(lo, hi)) + [pad] * (q - hi + lo))
+            ends.append(hi)
+        ids = torch.tensor(id_rows, device=dev)
+        pos = torch.tensor(pos_rows, device=dev)
+        blk = self._blocks_of_slots(kv_len)
+        key = torch.arange(kv_len, device=dev)
+        visible = (blk[None, None, :kv_len] <= blk[pos][..., None]) \
+            & (key < torch.tensor(ends, device=dev)[:, None, None])
+        mask = torch.where((pos < pad)[..., None], visible, key == pad)[:, None]
+        return ids, pos, mask, kv_len
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _pick_logits(self, hidden: torch.Tensor, fed: list[Plan | None]) -> list[torch.Tensor | None]:
+        """Only the positions whose logits are used go through the LM head."""
+        picks = {i: [x - p.fed_start for x in p.logit_pos] for i, p in enumerate(fed) if p is not None and p.logit_pos}
+        out: list[torch.Tensor | None] = [None] * len(fed)
+        if not picks:
+            return out
+        if len(fed) == 1:
+            cols = picks[0]
+            h = hidden[0, cols[0]:cols[-1] + 1] if cols[-1] - cols[0] + 1 == len(cols) else hidden[0, cols]
+        else:
+            h = hidden[[i for i, c in picks.items() for _ in c], [x for c in picks.values() for x in c]]
+        for i, logits in zip(picks, self._logits(h).split([len(c) for c in picks.values()])):
+            out[i] = logits
+        return out
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`dlm.logits` of the few rows [N, H] a forward needs, faster on a CPU. MKL runs the LM head's thin
+        products far below memory speed in nn.Linear's layout (h @ W^T): for one row (the AR case) the runner keeps
+        a transposed copy of the head weight, which streams twice as fast; for 2-8 rows it computes W @ h^T, which
+        is faster without any copy. The values are the same up to rounding."""
+        head = self.dlm.backbone.get_output_embeddings()
+        n = hidden.shape[0]
+        if hidden.device.type != "cpu" or n > 8 or type(head) is not torch.nn.Linear or head.bias is not None:
+            return self.dlm.logits(hidden)
+        if n == 1:
+            out = hidden @ self._head_t(head.weight)
+        else:
+            out = torch.mm(head.weight, hidden.t()).t().contiguous()
+        out[:, self.mask_id] = torch.finfo(out.dtype).min
+        return out
+
+    def _head_t(self, weight: torch.Tensor) -> torch.Tensor:
+        """The LM-head weight transposed to [H, V] and contiguous; rebuilt when the weight changes (any in-place
+        update bumps its version). Costs one more copy of the head weight in memory, on CPU only."""
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._head_t_key != key:
+            self._head_t_cache = weight.detach().t().contiguous()
+            self._head_t_key = key
+        return self._head_t_cache
