@@ -1,0 +1,61 @@
+"""The one model opener: dLM folders as saved, AR models as block-size-1 dLMs, the parent, the context window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM, DLMConfig
+from ar2dlm.model.loading import load_base
+from ar2dlm.model.open import context_length, is_dlm_folder, open_for_decoding, parent_spec
+from ar2dlm.testing import tiny_base
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("open")
+    base = tiny_base(root)
+    model, tok = load_base(str(base))
+    dlm = BlockDiffusionLM.from_base(model, tok, block_size=4, base_model=str(base))
+    dlm.save_pretrained(root / "dlm", tok)
+    model, tok = load_base(str(base))
+    lora = BlockDiffusionLM.from_base(model, tok, block_size=4, base_model=str(base))
+    lora.apply_lora(rank=2, alpha=4)
+    lora.save_pretrained(root / "lora", tok)
+    return {"base": base, "dlm": root / "dlm", "lora": root / "lora", "root": root}
+
+
+def test_dlm_folders_open_as_saved(folders):
+    for name in ("dlm", "lora"):
+        assert is_dlm_folder(folders[name])
+        dlm, tok, is_dlm = open_for_decoding(str(folders[name]))
+        assert is_dlm and dlm.config.block_size == 4 and not dlm.training
+        assert parent_spec(dlm) == str(folders["base"])
+    assert not is_dlm_folder(folders["base"]) and not is_dlm_folder(folders["root"] / "nowhere")
+
+
+def test_an_ar_model_is_a_block_size_one_dlm_and_its_own_parent(folders):
+    dlm, tok, is_dlm = open_for_decoding(str(folders["base"]), device=torch.device("cpu"))
+    assert not is_dlm and dlm.config.block_size == 1 and not dlm.training
+    assert parent_spec(dlm) == str(folders["base"])
+    assert parent_spec(dlm, base="other") == "other"  # --base wins
+
+
+def test_missing_local_model_names_what_is_missing(tmp_path):
+    with pytest.raises(Ar2dlmError, match="AR parent not found"):
+        open_for_decoding(str(tmp_path / "gone"), what="AR parent")
+
+
+def test_a_dlm_without_a_recorded_parent_needs_base():
+    with pytest.raises(Ar2dlmError, match="does not record its AR parent: pass --base"):
+        parent_spec(DLMConfig())
+    with pytest.raises(Ar2dlmError, match="or --no-ar"):
+        parent_spec(DLMConfig(), missing="pass --base (or --no-ar)")
+    assert parent_spec(DLMConfig(base_model="p")) == "p"
+
+
+def test_context_length_of_a_dlm_a_model_and_a_config(folders):
+    dlm, _, _ = open_for_decoding(str(folders["dlm"]))
+    assert context_length(dlm) == context_length(dlm.backbone) == context_length(dlm.hf_config) == 256
+    assert context_length(DLMConfig()) is None and context_length(object()) is None
