@@ -3,7 +3,8 @@
 A saved dLM is a normal Hugging Face checkpoint of its backbone (safetensors, tokenizer with the mask token added)
 whose config.json carries an extra `dlm` entry ({block_size, mask_token_id, token_shift}). A LoRA-converted dLM is a
 peft adapter plus the mask-token embedding row and a `dlm_config.json` naming its base model; it loads on top of that
-base. Either loads with `BlockDiffusionLM.from_pretrained(path)` and nothing but ar2dlm installed.
+base. A gated drafter (model/drafter.py) is an adapter folder as well, loaded unmerged. Each loads with
+`BlockDiffusionLM.from_pretrained(path)` and nothing but ar2dlm installed.
 
 Token shift: on, the logit at position i predicts token i+1, so the AR head keeps its job (cheap conversion); the
 first token of a block is then predicted by the clean copy's last position of the previous block, which at decode
@@ -37,10 +38,16 @@ class DLMConfig:
     mask_token_id: int = -1
     token_shift: bool = True
     base_model: str | None = None  # the AR parent (embedded name, path or hub id), for side-by-side comparisons
+    # A gated drafter (ar2dlm.model.drafter) leaves its parent intact: clean positions are the parent's own
+    # token-causal function, and only mask positions run the trained adapter. A full dLM's clean copy is block-causal.
+    drafter: bool = False
+    clean_attention: str = "block_causal"  # or "token_causal"
 
     def __post_init__(self):
         if self.block_size < 1:
             raise Ar2dlmError(f"block size must be >= 1, got {self.block_size}")
+        if self.clean_attention not in ("block_causal", "token_causal"):
+            raise Ar2dlmError(f"clean_attention must be block_causal or token_causal, got {self.clean_attention!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DLMConfig":
@@ -276,12 +283,16 @@ class BlockDiffusionLM(nn.Module):
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         merge_lora: bool = True,
     ) -> tuple["BlockDiffusionLM", object]:
-        """Load a saved dLM (full or LoRA) and its tokenizer."""
+        """Load a saved dLM (full, LoRA or gated drafter) and its tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
         if not path.is_dir():
             raise Ar2dlmError(f"no dLM checkpoint at {path}")
+        from ar2dlm.model import drafter
+
+        if drafter.is_drafter_folder(path):  # gated: never merged, the gate keeps clean positions on the parent
+            return drafter.load_drafter(path, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / ADAPTER_CONFIG_FILE).exists():
             from peft import PeftModel
