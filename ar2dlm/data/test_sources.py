@@ -67,6 +67,13 @@ def test_malformed_in_json_array_and_parquet(tmp_path, tok):
     (tmp_path / "a.json").write_text(json.dumps([{"question": "q", "answer": "a"}, {"foo": 1}]))
     with pytest.raises(Ar2dlmError, match=r"a\.json: item 1: unknown record format"):
         load_examples(DataConfig(str(tmp_path / "a.json")), tok)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a parquet table has one schema: a field missing from a row reads as None
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}, {"question": "q"}]), tmp_path / "a.parquet")
+    with pytest.raises(Ar2dlmError, match=r"a\.parquet: row 1: field 'answer' must be a string, got NoneType"):
+        load_examples(DataConfig(str(tmp_path / "a.parquet")), tok)
 
 
 def test_missing_empty_and_unknown_sources(tmp_path, tok):

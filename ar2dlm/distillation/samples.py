@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ar2dlm.data.batching import collate
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.training.data import collate
 from ar2dlm.training.trainer import MaskedBatch
 
 

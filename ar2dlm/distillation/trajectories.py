@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ar2dlm.data.batching import collate
+from ar2dlm.data.records import iter_jsonl_file
+from ar2dlm.data.tokenize import Example
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
-from ar2dlm.training.data import Example, collate
-from ar2dlm.utils.records import iter_jsonl_file
 
 RANK_BY = ("confidence", "entropy", "target")
 

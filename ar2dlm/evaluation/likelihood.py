@@ -26,11 +26,11 @@ So both numbers are over the same tokens, -log p(x_1.. | x_0) per sequence. Unsc
 chat prompt) stay clean: they are conditioned on. A sequence ending inside a block is filled with mask tokens to the
 block's end (unscored, always masked), which is what the decoder sees: it never knows where the text will stop.
 
-Data (reusing the conversion loaders, `ar2dlm/training/data.py`): plain text is packed into chunks of exactly
---seq-len tokens (BOS/EOS around each document; a final chunk shorter than seq_len / 2 is dropped and counted in
-`data.dropped_tail_tokens`); in a .txt file each blank-line-separated paragraph is one document. Chat and instruction
-records are one sequence each, truncated to --seq-len, with only the response scored (a prompt turn that follows a
-response inside the same block is then conditioned on: use plain text for a strict comparison).
+Data (the shared loaders of `ar2dlm/data/`): plain text is packed into chunks of exactly --seq-len tokens (BOS/EOS
+around each document; a final chunk shorter than seq_len / 2 is dropped and counted in `data.dropped_tail_tokens`);
+in a .txt file each blank-line-separated paragraph is one document. Chat and instruction records are one sequence
+each, truncated to --seq-len, with only the response scored (a prompt turn that follows a response inside the same
+block is then conditioned on: use plain text for a strict comparison).
 
 Per-token numbers are token-weighted: total nats over all scored tokens / their count; ppl = exp of that. The
 standard error treats a sequence's draws as independent, so for stratified draws it overstates the error a little.
@@ -256,24 +256,15 @@ def ar_nll(parent, batch: ScoredBatch) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- data
 def load_sequences(cfg: PplConfig, tokenizer):
-    """(examples, stats) from the conversion loaders, with a ppl-worded error when nothing is left."""
-    from ar2dlm.training.data import DataConfig, LoadStats, iter_records, parse_record, tokenize_records
+    """(examples, stats) from the shared data loaders, keeping the sequences with a scored token after position 0;
+    errors worded for ppl."""
+    from ar2dlm.data.tokenize import DataConfig, read_records, tokenize_records
 
     dcfg = DataConfig(source=cfg.data, seq_len=cfg.seq_len, text_field=cfg.text_field, max_records=cfg.limit)
     if dcfg.source.strip() == "self":
         raise Ar2dlmError("--data self is the training corpus; give a held-out file or dataset")
-    records = []
-    for where, rec in iter_records(dcfg):
-        if cfg.limit is not None and len(records) >= cfg.limit:
-            break
-        records.append(parse_record(where or f"{cfg.data}: row {len(records)}", rec, cfg.text_field))
-    if not records:
-        raise Ar2dlmError(f"{cfg.data}: no records")
-    stats = LoadStats(records=len(records), text_records=sum(r.kind == "text" for r in records),
-                      chat_records=sum(r.origin == "chat" for r in records),
-                      instruction_records=sum(r.origin == "instruction" for r in records))
-    examples = tokenize_records(records, tokenizer, dcfg, stats)
-    examples = [e for e in examples if sum(e.maskable[1:]) > 0]
+    records, stats = read_records(dcfg)
+    examples = [e for e in tokenize_records(records, tokenizer, dcfg, stats) if sum(e.maskable[1:]) > 0]
     if not examples:
         raise Ar2dlmError(f"{cfg.data}: nothing to score at --seq-len {cfg.seq_len} (a text shorter than half a "
                           "sequence is dropped; lower --seq-len)")

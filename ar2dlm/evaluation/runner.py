@@ -32,17 +32,18 @@ from pathlib import Path
 import torch
 
 from ar2dlm import __version__
-from ar2dlm.decoding.engine import DecodeConfig, Engine
-from ar2dlm.decoding.policies import POLICIES
+from ar2dlm.data.sources import RECORD_SUFFIXES, iter_raw_records
+from ar2dlm.data.tokenize import render_chat
+from ar2dlm.engine import DecodeParams, Engine
+from ar2dlm.engine.policies import POLICIES
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.evaluation.tasks import TASKS, Sample, get_task
-from ar2dlm.evaluation.tasks.base import LOCAL_SUFFIXES, iter_raw_records, render_chat
 from ar2dlm.utils.files import check_output_file
 
 FIDELITY = "fidelity"
 SCHEMA = "ar2dlm.eval/1"
 _NOT_SWEEPABLE = ("stop_token_ids", "stop_strings")
-_HINTS = typing.get_type_hints(DecodeConfig)
+_HINTS = typing.get_type_hints(DecodeParams)
 
 
 @dataclass
@@ -95,15 +96,15 @@ class EvalConfig:
         check_output_file(self.plot_path, "--plot")
         self.points()  # every point's decode settings are valid before anything loads
 
-    def decode(self, stop_strings: tuple[str, ...] = ()) -> DecodeConfig:
-        return DecodeConfig(
+    def decode(self, stop_strings: tuple[str, ...] = ()) -> DecodeParams:
+        return DecodeParams(
             max_new_tokens=self.max_new_tokens, policy=self.policy, tau=self.tau,
             steps_per_forward=self.steps_per_forward, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop_strings=tuple(stop_strings), block_parallel=self.block_parallel,
             p_add=self.p_add, cache_delay=self.cache_delay, refresh_every=self.refresh_every,
         )
 
-    def points(self, stop_strings: tuple[str, ...] = ()) -> list[tuple[str, object, DecodeConfig]]:
+    def points(self, stop_strings: tuple[str, ...] = ()) -> list[tuple[str, object, DecodeParams]]:
         """(label, sweep value, decode settings) of every dLM point."""
         base = self.decode(stop_strings)
         key, values = parse_sweep(self.sweep)
@@ -153,7 +154,7 @@ def parse_sweep(spec: str | None) -> tuple[str | None, list]:
     key = key.strip().replace("-", "_")
     if not eq or not key:
         raise Ar2dlmError(f"malformed --sweep {spec!r}: expected FIELD=V1,V2,... (e.g. tau=0.5,0.7,0.9)")
-    fields = [f.name for f in dataclasses.fields(DecodeConfig) if f.name not in _NOT_SWEEPABLE]
+    fields = [f.name for f in dataclasses.fields(DecodeParams) if f.name not in _NOT_SWEEPABLE]
     if key not in fields:
         raise Ar2dlmError(f"--sweep: unknown decode setting {key!r} (choose from {', '.join(fields)})")
     texts = [t.strip() for t in rest.split(",")]
@@ -167,7 +168,7 @@ def parse_sweep(spec: str | None) -> tuple[str | None, list]:
 
 # --------------------------------------------------------------------------------------------------- data
 def _guess_task(path: Path) -> str:
-    records = iter_raw_records(path, ("", None, "test"))
+    records = iter_raw_records(path)
     try:
         where, rec = next(records, (str(path), None))
     finally:
@@ -192,7 +193,7 @@ def load_samples(cfg: EvalConfig):
     elif cfg.prompt_task or (cfg.source and cfg.source.strip().lower() in TASKS):
         task = get_task(cfg.prompt_task or cfg.source, **opts)
         samples = task.load(cfg.limit, None if cfg.prompt_task is None else cfg.source)
-    elif cfg.source and cfg.source.lower().endswith(LOCAL_SUFFIXES):
+    elif cfg.source and cfg.source.lower().endswith(RECORD_SUFFIXES):
         task = get_task(_guess_task(Path(cfg.source).expanduser()), **opts)
         samples = task.load(cfg.limit, cfg.source)
     else:
@@ -296,7 +297,7 @@ class PartialStore:
             os.fsync(f.fileno())
 
 
-def generate_point(engine: Engine, dcfg: DecodeConfig, items: list[dict], point: str, store: PartialStore,
+def generate_point(engine: Engine, dcfg: DecodeParams, items: list[dict], point: str, store: PartialStore,
                    score, batch_size: int, label: str, ids_key: str = "ids") -> list[dict]:
     """Per-sample records of one point, in item order; only samples not in `store` are decoded (then stored).
 
@@ -343,7 +344,7 @@ def _fidelity_score(parent: ParentLM, ref_by_id: dict | None):
     return score
 
 
-def _point(label: str, kind: str, model: str, dlm, value, dcfg: DecodeConfig, recs: list[dict],
+def _point(label: str, kind: str, model: str, dlm, value, dcfg: DecodeParams, recs: list[dict],
            ref_recs: list[dict] | None) -> dict:
     point = {"label": label, "kind": kind, "model": model, "block_size": dlm.config.block_size, "sweep_value": value,
              "decode": asdict(dcfg), **summarize(recs)}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ar2dlm.data.batching import Batcher, iter_batches
+from ar2dlm.data.tokenize import DataConfig, load_examples, split_heldout
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import cache_dir, load_base, resolve_model_source
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig
-from ar2dlm.training.data import Batcher, DataConfig, iter_batches, load_examples, split_heldout
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.metrics import plot_loss
 from ar2dlm.training.optim import build_optimizer

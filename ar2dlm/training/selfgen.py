@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ar2dlm.data.tokenize import has_chat_template, render_chat, special_strings
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.utils.files import atomic_write, write_json
 
@@ -63,29 +64,17 @@ def degenerate_reason(text: str, min_chars: int = 1) -> str | None:
     return None
 
 
-def _special_strings(tokenizer) -> list[str]:
-    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(tok, "special", False):
-            out.add(tok.content)
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    if bos and bos != eos:
-        out.discard(bos)
-    return sorted((s for s in out if s), key=len, reverse=True)
-
-
 def user_turn_prefix(tokenizer) -> tuple[str, int | None]:
     """The rendered text before a user message's content, and the id of the token that ends a user turn."""
     try:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
-                                                 add_generation_prompt=False)
+        rendered = render_chat(tokenizer, [{"role": "user", "content": SENTINEL}], add_generation_prompt=False)
     except Exception as e:  # noqa: BLE001 - template errors
         raise Ar2dlmError(f"the tokenizer's chat template cannot render a user turn ({e})") from None
     at = rendered.find(SENTINEL)
     if at < 0:
         raise Ar2dlmError("the tokenizer's chat template does not reproduce the user message verbatim")
     prefix, after = rendered[:at], rendered[at + len(SENTINEL):]
-    hits = [(after.find(s), s) for s in _special_strings(tokenizer)]
+    hits = [(after.find(s), s) for s in special_strings(tokenizer)]
     hits = [(p, s) for p, s in hits if p >= 0]
     eot = None
     if hits:
@@ -177,7 +166,7 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
         log.info("reusing self-generated corpus %s (%d records)", cache_path, have)
         return cache_path
 
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    chat = has_chat_template(tokenizer)
     eos_id = tokenizer.eos_token_id
     if chat:
         prefix, eot = user_turn_prefix(tokenizer)
@@ -220,8 +209,7 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
                     kept.append((text.strip(), done))
             new: list[tuple[dict, bool]] = []
             if chat and kept:
-                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
-                                                         add_generation_prompt=True) for u, _ in kept]
+                prompts = [render_chat(tokenizer, [{"role": "user", "content": u}]) for u, _ in kept]
                 answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, answer_temp, top_p,
                                   s + ANSWER_SEED_OFFSET)
                 for (u, u_done), (a, done) in zip(kept, answers):

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from ar2dlm.data.tokenize import DataConfig, load_examples
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.testing import tiny_model
-from ar2dlm.training.data import DataConfig, load_examples
 from ar2dlm.training.selfgen import degenerate_reason, generate_self_corpus, metadata_path, user_turn_prefix
 
 

@@ -1,24 +1,21 @@
-"""The task interface shared by every benchmark, and reading its records from a file or the Hugging Face hub.
+"""The task interface shared by every benchmark.
 
 A task turns raw records into `Sample`s (`load`), a sample into the text the model continues (`build_prompt`), and the
 model's continuation into a verdict (`score`, a dict with at least `correct: bool`).
 
-Sources: a local `.jsonl` / `.jsonl.gz` file, or a hub dataset id `name[:config][@split]` loaded with
-`datasets.load_dataset` (imported only then; no network is needed otherwise). A hub id without config or split takes
-the task's defaults when `name` is the task's own dataset. A malformed line is an `Ar2dlmError` naming `file:line`.
+Records come from `ar2dlm.data.sources`: a local file (`.jsonl`, `.jsonl.gz`, `.json`, `.parquet`) or a hub dataset
+id `name[:config][@split]`. A hub id without config or split takes the task's defaults when `name` is the task's own
+dataset. A malformed record is an `Ar2dlmError` naming `file:line` (or the dataset row).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ar2dlm.data.sources import iter_raw_records
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.utils.records import first_line, iter_jsonl_file
-
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -27,74 +24,6 @@ class Sample:
     prompt: str  # the task's own prompt material: a question, a function header, a problem statement
     reference: str  # the gold answer or solution
     data: dict = field(default_factory=dict, compare=False)  # task-specific fields (tests, entry point, ...)
-
-
-def _looks_local(source: str) -> bool:
-    return (source.lower().endswith(LOCAL_SUFFIXES + (".json", ".gz")) or Path(source).expanduser().exists()
-            or source.startswith(("/", "./", "../", "~")))
-
-
-def _iter_local(path: Path) -> Iterator[tuple[str, object]]:
-    if not path.is_file():
-        raise Ar2dlmError(f"{path}: data file not found")
-    name = path.name.lower()
-    if not name.endswith(LOCAL_SUFFIXES):
-        raise Ar2dlmError(f"{path}: unsupported data file (use .jsonl or .jsonl.gz)")
-    yield from iter_jsonl_file(path)
-
-
-def parse_hub_source(source: str, default: tuple[str, str | None, str]) -> tuple[str, str | None, str]:
-    """`name[:config][@split]` -> (name, config, split), filling gaps from `default` = (name, config, split)."""
-    rest, _, split = source.partition("@")
-    name, _, config = rest.partition(":")
-    if not name:
-        raise Ar2dlmError(f"dataset source {source!r}: missing dataset name")
-    same = name == default[0]
-    return name, (config or (default[1] if same else None)), (split or default[2])
-
-
-def _iter_hub(source: str, default: tuple[str, str | None, str]) -> Iterator[tuple[str, object]]:
-    name, config, split = parse_hub_source(source, default)
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, config, split=split)
-    except ImportError as e:
-        raise Ar2dlmError(f"loading hub dataset {source!r} needs the `datasets` package ({first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, bad config/split: one user-facing line
-        raise Ar2dlmError(f"could not load dataset {name!r} (config {config!r}, split {split!r}) from the Hugging "
-                          f"Face hub: {type(e).__name__}: {first_line(e)}") from None
-    for i, rec in enumerate(ds):
-        yield f"{name}@{split}: row {i}", rec
-
-
-def iter_raw_records(source: str | Path, default_hub: tuple[str, str | None, str]) -> Iterator[tuple[str, object]]:
-    """(location, record) pairs from a local file or a hub dataset; location names file:line or dataset row."""
-    text = str(source).strip()
-    if not text:
-        raise Ar2dlmError("no dataset source given")
-    if isinstance(source, Path) or _looks_local(text):
-        return _iter_local(Path(text).expanduser())
-    return _iter_hub(text, default_hub)
-
-
-def require_fields(where: str, rec: object, fields: dict[str, type | tuple[type, ...]]) -> dict:
-    """Check that `rec` is an object holding `fields` of the given types; one error line naming the location."""
-    if not isinstance(rec, dict):
-        raise Ar2dlmError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    for key, kind in fields.items():
-        if key not in rec:
-            raise Ar2dlmError(f"{where}: missing field {key!r}")
-        if not isinstance(rec[key], kind):
-            raise Ar2dlmError(f"{where}: field {key!r} has type {type(rec[key]).__name__}")
-    return rec
-
-
-def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The chat-template rendering of `messages`, ending with the assistant-turn header."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise Ar2dlmError("chat prompts need a tokenizer with a chat template (use chat=False for plain prompts)")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class Task(ABC):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import re
 
+from ar2dlm.data.records import require_fields
+from ar2dlm.data.tokenize import render_chat
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.evaluation.tasks.base import Sample, Task, render_chat, require_fields
+from ar2dlm.evaluation.tasks.base import Sample, Task
 
 # A number not glued to a preceding word, digit or dot (so '48-24' yields 48 and 24, not -24); thousands
 # separators only in groups of three, so a list '3,4' stays two numbers.

@@ -10,8 +10,10 @@ Correctness is the exit status of prompt + completion + test + `check(entry_poin
 
 from __future__ import annotations
 
+from ar2dlm.data.records import require_fields
+from ar2dlm.data.tokenize import render_chat
 from ar2dlm.evaluation.sandbox import run_python
-from ar2dlm.evaluation.tasks.base import Sample, Task, render_chat, require_fields
+from ar2dlm.evaluation.tasks.base import Sample, Task
 from ar2dlm.evaluation.tasks.code_extraction import (
     compiles, cut_bare_continuation, defines, fenced_blocks, longest_compiling_prefix, pick_block,
     strip_leading_prose,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 
+from ar2dlm.data.records import require_fields
+from ar2dlm.data.tokenize import render_chat
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.evaluation.sandbox import run_python
-from ar2dlm.evaluation.tasks.base import Sample, Task, render_chat, require_fields
+from ar2dlm.evaluation.tasks.base import Sample, Task
 from ar2dlm.evaluation.tasks.code_extraction import (
     cut_at_line_prefixes, fenced_blocks, longest_compiling_prefix, pick_block, strip_leading_prose,
 )

@@ -7,7 +7,6 @@ import pytest
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.evaluation.tasks import GSM8K, TASKS, HumanEval, get_task
-from ar2dlm.evaluation.tasks.base import parse_hub_source
 
 GSM = {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
 
@@ -50,24 +49,24 @@ def test_blank_lines_are_skipped_and_malformed_lines_name_file_and_line(tmp_path
         HumanEval().load(source=str(path))
 
 
-def test_bad_sources(tmp_path):
-    with pytest.raises(Ar2dlmError, match="not found"):
-        GSM8K().load(source=str(tmp_path / "missing.jsonl"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(Ar2dlmError, match="unsupported"):
-        GSM8K().load(source=str(tmp_path / "data.csv"))
+def test_limit_must_be_positive(tmp_path):
+    # (the bad-source errors themselves are tested with the reader, in ar2dlm/data/test_sources.py)
     with pytest.raises(Ar2dlmError, match="limit"):
         GSM8K().load(limit=0, source=str(tmp_path / "x.jsonl"))
-    with pytest.raises(Ar2dlmError):
-        GSM8K().load(source="  ")
 
 
-def test_parse_hub_source_defaults():
-    default = ("openai/gsm8k", "main", "test")
-    assert parse_hub_source("openai/gsm8k", default) == ("openai/gsm8k", "main", "test")
-    assert parse_hub_source("openai/gsm8k@train", default) == ("openai/gsm8k", "main", "train")
-    assert parse_hub_source("someone/gsm8k-copy", default) == ("someone/gsm8k-copy", None, "test")
-    assert parse_hub_source("a/b:cfg@validation", default) == ("a/b", "cfg", "validation")
+def test_tasks_read_every_record_file_type(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps([GSM, {**GSM, "question": "Q2"}]), encoding="utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([GSM]), tmp_path / "g.parquet")
+    assert [s.prompt for s in GSM8K().load(source=str(tmp_path / "g.json"))] == ["What is 2 + 3?", "Q2"]
+    (sample,) = GSM8K().load(source=tmp_path / "g.parquet")
+    assert sample.reference == "5"
+    pq.write_table(pa.Table.from_pylist([{"question": "q"}]), tmp_path / "bad.parquet")
+    with pytest.raises(Ar2dlmError, match=r"bad\.parquet: row 0: missing field 'answer'"):
+        GSM8K().load(source=tmp_path / "bad.parquet")
 
 
 def test_hub_loading_goes_through_datasets_lazily(monkeypatch):
@@ -80,16 +79,6 @@ def test_hub_loading_goes_through_datasets_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     samples = GSM8K().load(limit=1)
     assert calls == [("openai/gsm8k", "main", "test")] and len(samples) == 1
-
-
-def test_hub_failure_is_one_line_error(monkeypatch):
-    def load_dataset(name, config, split):
-        raise ConnectionError("Couldn't reach the hub\nmore details")
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    with pytest.raises(Ar2dlmError) as e:
-        GSM8K().load(source="openai/gsm8k@test")
-    assert "\n" not in str(e.value) and "ConnectionError" in str(e.value) and "openai/gsm8k" in str(e.value)
 
 
 def test_registry():
