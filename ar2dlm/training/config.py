@@ -80,9 +80,19 @@ class ConvertConfig(TrainConfig):
     self_samples: int = _opt(160, "records the base model writes for data=self")
     self_max_new_tokens: int = _opt(160, "tokens per answer the base model writes for data=self")
     self_answer_temperature: float = _opt(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
+    # gated drafter (lossless mode): the parent stays exact, an adapter drafts at mask positions
+    drafter: bool = _opt(False, "train a gated drafter instead of a dLM: the frozen parent computes every clean "
+                                "position, a LoRA adapter (rank 32 unless --lora-rank) acts only on mask tokens")
+    drafter_target: str = _opt("argmax", "what a drafter learns at masked positions: the data's tokens (text), the "
+                                         "parent's teacher-forced argmax (CE) or its distribution (KL)",
+                               choices=["text", "argmax", "distribution"])
+    drafter_masking: str = _opt("full", "drafter masks: full = every maskable token (the fully masked block a "
+                                        "verify decoder drafts from), schedule = --masking", choices=["full", "schedule"])
 
     def __post_init__(self):
         super().__post_init__()
+        if self.drafter and self.lora_rank == 0:
+            self.lora_rank = 32  # a drafter is always an adapter; 0 is the full fine-tuning default of a dLM
         checks = [
             (self.block_size >= 1, "--block-size must be >= 1"),
             (self.seq_len >= 2 * self.block_size, "--seq-len must be at least twice the block size"),
@@ -92,6 +102,11 @@ class ConvertConfig(TrainConfig):
             (self.self_samples >= 1 and self.self_max_new_tokens >= 1,
              "--self-samples and --self-max-new-tokens must be >= 1"),
             (self.self_answer_temperature >= 0, "--self-answer-temperature must be >= 0"),
+            (not self.drafter or self.token_shift, "--drafter needs --token-shift (drafts extend the parent's token)"),
+            (not self.drafter or not self.fsdp, "--drafter does not support --fsdp (use DDP: the adapter is small)"),
+            (self.drafter_target in ("text", "argmax", "distribution"),
+             "--drafter-target must be text, argmax or distribution"),
+            (self.drafter_masking in ("full", "schedule"), "--drafter-masking must be full or schedule"),
         ]
         for ok, message in checks:
             if not ok:
