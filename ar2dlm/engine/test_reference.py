@@ -1,11 +1,10 @@
-"""The no-cache reference decoder and the side-by-side comparison, on tiny random models."""
+"""The no-cache reference decoder, on tiny random models (compare is tested in recipes/test_compare.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ar2dlm.decoding.compare import CompareConfig, leading_agreement, run_compare
 from ar2dlm.engine.reference import reference_generate
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
@@ -61,32 +60,4 @@ def test_bad_parameters():
         reference_generate(dlm, [1, 2], 4, policy="nope")
     with pytest.raises(Ar2dlmError):
         reference_generate(dlm, [], 4)
-    with pytest.raises(Ar2dlmError):
-        CompareConfig(thresholds="0.9,abc")
-    with pytest.raises(Ar2dlmError):
-        CompareConfig(thresholds="1.2")
 
-
-def test_leading_agreement():
-    assert leading_agreement([1, 2, 3], [1, 2, 3]) == 1.0
-    assert leading_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
-    assert leading_agreement([], []) == 0.0
-
-
-def test_compare_runs_side_by_side(tmp_path):
-    from ar2dlm.testing import tiny_base
-
-    base = tiny_base(tmp_path)
-    from ar2dlm.model.loading import load_base
-
-    model, tok = load_base(str(base))
-    dlm = BlockDiffusionLM.from_base(model, tok, block_size=1, base_model=str(base))
-    dlm.save_pretrained(tmp_path / "dlm", tok)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the quick brown fox\n\nwhat is 2 + 2?\n")
-    result = run_compare(CompareConfig(model=str(tmp_path / "dlm"), prompts=str(prompts), thresholds="0.9",
-                                       max_new_tokens=8, json_out=str(tmp_path / "cmp.json")))
-    s = result["summary"]["per_threshold"][0]
-    # block size 1 without training is the AR model itself: identical answers, one token per forward
-    assert s["exact_agreement"] == 1.0 and s["tpf"] == 1.0
-    assert (tmp_path / "cmp.json").is_file() and result["summary"]["prompts"] == 2

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.open import context_length
 
 Output = str | Sequence[int]
 DISTINCT_ORDERS = (1, 2, 3, 4)
@@ -135,7 +136,7 @@ def completion_nll(model, prompt: Output, completion: Output, tokenizer=None) ->
         raise Ar2dlmError("NLL needs at least one prompt token to condition the first completion token on (e.g. BOS)")
     if not completion_ids:
         return CompletionNLL(0.0, 0)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = context_length(model)
     if limit and len(prompt_ids) + len(completion_ids) > limit:
         raise Ar2dlmError(f"prompt + completion is {len(prompt_ids) + len(completion_ids)} tokens, longer than the "
                           f"model's {limit} positions")

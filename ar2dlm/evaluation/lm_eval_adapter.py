@@ -1,16 +1,19 @@
 """The lm-evaluation-harness model `ar2dlm`: a converted dLM (or a plain AR model as a block-size-1 dLM) in lm_eval.
 
     ar2dlm lm-eval --model ar2dlm --model_args pretrained=runs/dlm/model,policy=threshold,tau=0.9 --tasks gsm8k
-    python -m ar2dlm.evaluation.lm_eval_adapter --model ar2dlm --model_args pretrained=... --tasks ...
 
 lm_eval finds models only in its own registry (no plugin entry points), so importing this module registers the class
-under "ar2dlm"; both commands above import it, then hand their arguments to lm_eval's own command line unchanged.
-From Python: `import ar2dlm.evaluation.lm_eval_adapter` and then `lm_eval.simple_evaluate(model="ar2dlm", ...)`.
+under "ar2dlm"; the command above (`ar2dlm/recipes/lm_eval.py`) imports it, then hands its arguments to lm_eval's own
+command line unchanged. From Python: `import ar2dlm.evaluation.lm_eval_adapter` and then
+`lm_eval.simple_evaluate(model="ar2dlm", ...)`.
 
 Request types:
-  * generate_until: our cached decoding engine (batched), with the model_args' policy / tau / block_parallel; the
-    request's `until` strings stop decoding and cut the text, `max_gen_toks` caps it, `temperature`/`do_sample`/
-    `top_p`/`top_k` set the sampling (greedy unless do_sample). EOS and <|im_end|> stop as well.
+  * generate_until: our cached decoding engine (batched), with the model_args' decoding settings (every field of
+    `DecodeParams`: policy, tau, steps_per_forward, block_parallel, p_add, activate_ratio, max_open_blocks, ...);
+    the request's `until` strings (added to any model_args `stop_strings`) stop decoding and cut the text,
+    `max_gen_toks` caps it, `do_sample` / `temperature` / `top_p` / `top_k` set the sampling (greedy unless
+    do_sample; a sampled request without its own temperature/top_p/top_k takes the model_args'). EOS and <|im_end|>
+    stop as well.
   * loglikelihood: for a dLM this is NOT the exact log-likelihood (a dLM has none in closed form) but minus a
     Monte Carlo estimate of the block-diffusion negative ELBO of the continuation given the context
     (`ar2dlm.evaluation.likelihood`, `samples` draws, seeded per request by `seed` and the request's tokens): a
@@ -19,21 +22,22 @@ Request types:
     later positions of the block masked) would produce the continuation.
   * loglikelihood_rolling: the same bound over lm_eval's rolling windows of the model's context, summed.
 
-model_args: pretrained (required), policy, tau, steps_per_forward, block_parallel, samples, seed, max_length,
-max_gen_toks, add_bos_token; lm_eval's --batch_size and --device are honoured ("auto" batch size means 8).
+model_args: pretrained (required), samples, seed (sampling and the bound's draws), max_length, max_gen_toks (the
+answer length unless the task sets it), add_bos_token, and the decoding settings above; lm_eval's --batch_size and
+--device are honoured ("auto" batch size means 8).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import sys
 import zlib
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
 
+from ar2dlm.engine import DecodeParams
 from ar2dlm.errors import Ar2dlmError
 
 try:
@@ -48,39 +52,45 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "ar2dlm"
 DEFAULT_BATCH_SIZE = 8
 _GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
+_OWN_ARGS = ("pretrained", "samples", "max_length", "max_gen_toks", "add_bos_token")
+# The decoding settings a model_arg may give: every command-line field of DecodeParams except the answer length,
+# which is lm_eval's max_gen_toks (stop token ids are the model's own).
+_DECODE_ARGS = tuple(f.name for f in dataclasses.fields(DecodeParams)
+                     if f.metadata.get("cli", True) and f.name != "max_new_tokens")
+
+
+def decode_params_from_model_args(values: dict) -> DecodeParams:
+    """The DecodeParams of the model_args' decoding settings (lm_eval hands them over as text, numbers or booleans);
+    any other name is a typo, one error line."""
+    unknown = sorted(set(values) - set(_DECODE_ARGS))
+    if unknown:
+        raise Ar2dlmError(f"unknown ar2dlm model_args: {', '.join(unknown)} (accepted: "
+                          f"{', '.join(_OWN_ARGS + _DECODE_ARGS)})")
+    return DecodeParams.from_mapping(values)
 
 
 class Ar2dlmLM(TemplateLM):
-    def __init__(self, pretrained: str, policy: str = "threshold", tau: float | None = None,
-                 steps_per_forward: int = 2, block_parallel: bool = False, samples: int = 8, seed: int = 0,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False,
-                 batch_size: int | str | None = None, max_batch_size: int | None = None, device: str | None = None,
-                 **unknown):
+    def __init__(self, pretrained: str, samples: int = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 add_bos_token: bool = False, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None, device: str | None = None, **decode_args):
         super().__init__()
-        if unknown:
-            raise Ar2dlmError(f"unknown ar2dlm model_args: {', '.join(sorted(unknown))} (accepted: pretrained, "
-                              "policy, tau, steps_per_forward, block_parallel, samples, seed, max_length, "
-                              "max_gen_toks, add_bos_token)")
-        from ar2dlm.engine import DecodeParams, Engine
-        from ar2dlm.evaluation.runner import load_model
+        from ar2dlm.engine import Engine
+        from ar2dlm.model.open import context_length, open_for_decoding
         from ar2dlm.utils.devices import resolve_device
 
+        self._decode = decode_params_from_model_args(decode_args)  # validated before anything loads
         if int(samples) < 1:
             raise Ar2dlmError(f"samples must be >= 1, got {samples}")
-        # validate the decode settings before loading anything
-        self._decode = DecodeParams(policy=str(policy), tau=tau, steps_per_forward=int(steps_per_forward),
-                                    block_parallel=bool(block_parallel), seed=int(seed))
-        self.samples, self.seed, self.max_gen_toks = int(samples), int(seed), int(max_gen_toks)
+        self.samples, self.seed, self.max_gen_toks = int(samples), self._decode.seed, int(max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
         self.batch_size = _batch_size(batch_size)
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s requested but no CUDA GPU is available: using the CPU", device)
             device = "cpu"
         self._device = resolve_device(device)
-        self.dlm, self.tokenizer, _ = load_model(str(pretrained))
-        self.dlm = self.dlm.to(self._device).eval()
+        self.dlm, self.tokenizer, _ = open_for_decoding(str(pretrained), device=self._device)
         self.engine = Engine(self.dlm, self.tokenizer)
-        context = getattr(self.dlm.hf_config, "max_position_embeddings", None) or 2048
+        context = context_length(self.dlm) or 2048
         self.max_length = int(max_length) if max_length else context
         if self.max_length < 2:
             raise Ar2dlmError(f"max_length must be >= 2, got {max_length}")
@@ -179,21 +189,22 @@ class Ar2dlmLM(TemplateLM):
         return totals
 
     # ----------------------------------------------------------------------------------------------- generation
-    def _decode_config(self, gen_kwargs: dict):
-        import dataclasses
-
+    def _decode_config(self, gen_kwargs: dict) -> DecodeParams:
+        """The model_args' settings with one request's generation kwargs: its stops, length and sampling."""
         kw = dict(gen_kwargs or {})
         ignored = sorted(set(kw) - set(_GEN_KEYS))
         if ignored:
             log.warning("ar2dlm ignores generation kwargs %s", ", ".join(ignored))
         until = kw.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        do_sample = bool(kw.get("do_sample", False))
-        temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0)) if do_sample else 0.0
-        return dataclasses.replace(
-            self._decode, max_new_tokens=int(kw.get("max_gen_toks", self.max_gen_toks)), temperature=temperature,
-            top_p=float(kw.get("top_p") or 1.0) if do_sample else 1.0,
-            top_k=int(kw.get("top_k") or 0) if do_sample else 0, stop_strings=tuple(s for s in until if s))
+        base = self._decode
+        stops = base.stop_strings + tuple(s for s in until if s and s not in base.stop_strings)
+        length = int(kw.get("max_gen_toks", self.max_gen_toks))
+        if not kw.get("do_sample", False):
+            return base.replace(max_new_tokens=length, temperature=0.0, top_p=1.0, top_k=0, stop_strings=stops)
+        return base.replace(
+            max_new_tokens=length, temperature=float(kw.get("temperature", base.temperature or 1.0)),
+            top_p=float(kw.get("top_p") or base.top_p), top_k=int(kw.get("top_k") or base.top_k), stop_strings=stops)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm import tqdm
@@ -234,47 +245,5 @@ def _batch_size(value) -> int:
     return int(value)
 
 
-# Under `python -m` this file also runs as __main__; the class registered is the importable module's one.
-if __name__ != "__main__" and MODEL_NAME not in MODEL_REGISTRY:
+if MODEL_NAME not in MODEL_REGISTRY:
     register_model(MODEL_NAME)(Ar2dlmLM)
-
-
-def run_cli(argv: list[str]) -> int:
-    """lm_eval's own command line with `ar2dlm` registered; `--model ar2dlm` is added when no --model is given."""
-    from lm_eval.__main__ import cli_evaluate
-
-    args = list(argv)
-    sub = 1 if args and args[0] == "run" else 0
-    if (not args or args[0] not in ("ls", "validate")) and not any(a == "--model" or a.startswith("--model=")
-                                                                   for a in args):
-        args[sub:sub] = ["--model", MODEL_NAME]
-    saved = sys.argv
-    sys.argv = ["lm-eval", *args]
-    try:
-        cli_evaluate()
-    except ValueError as e:
-        # lm_eval checks its arguments (unknown task names, --limit with --samples, a bad config YAML) in its config
-        # module with ValueErrors: those are the user's, one line. A ValueError from anywhere else stays a bug.
-        if _raised_in_lm_eval_config(e):
-            raise Ar2dlmError(str(e).splitlines()[0] if str(e) else "invalid lm_eval arguments") from None
-        raise
-    finally:
-        sys.argv = saved
-    return 0
-
-
-def _raised_in_lm_eval_config(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent.parts[-2:] == ("lm_eval", "config")
-
-
-if __name__ == "__main__":
-    from ar2dlm.evaluation import lm_eval_adapter  # registers the model
-
-    try:
-        sys.exit(lm_eval_adapter.run_cli(sys.argv[1:]))
-    except Ar2dlmError as e:
-        print(f"ar2dlm: error: {e}", file=sys.stderr)
-        sys.exit(2)

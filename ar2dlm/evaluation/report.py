@@ -1,37 +1,20 @@
-"""`ar2dlm report`: a markdown table and a combined accuracy-vs-TPF plot from one or more `ar2dlm eval` results.
+"""Tables and plots of `ar2dlm eval` results: reading a results file, a markdown table, accuracy-vs-TPF plots.
 
-    ar2dlm report runs/eval/gsm8k.json runs/eval/fidelity.json --markdown-out table.md --plot-out tpf.png
-
-The table has one row per point (model, task, point, accuracy or agreement, TPF, tokens/s) and the AUP of the run
-the point belongs to (over all of that run's points). When several runs share a task, a second table gives their
-AUP with one y_max for all (the best accuracy any of them reached), as AUP comparisons between methods require.
+`ar2dlm eval` prints the table of its run and draws its plot; `ar2dlm report` does both for one or more runs. The
+table has one row per point (model, task, point, accuracy or agreement, TPF, tokens/s) and the AUP of the run the
+point belongs to (over all of that run's points). When several runs share a task, a second table gives their AUP
+with one y_max for all (the best accuracy any of them reached), as AUP comparisons between methods require.
 The plots are drawn with matplotlib's Agg canvas (no display, no global pyplot state) and written atomically.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.utils.files import check_output_file
 
 SCHEMA_PREFIX = "ar2dlm.eval/"
-
-
-@dataclass
-class ReportConfig:
-    results: list[str] = field(metadata={"help": "results JSON files written by `ar2dlm eval`"})
-    markdown_out: str | None = field(default=None, metadata={"help": "also write the markdown table here"})
-    plot_out: str | None = field(default=None, metadata={"help": "write a combined accuracy-vs-TPF plot (PNG) here"})
-
-    def __post_init__(self):
-        if not self.results:
-            raise Ar2dlmError("report needs at least one results file")
-        check_output_file(self.markdown_out, "--markdown-out")
-        check_output_file(self.plot_out, "--plot-out")
 
 
 def load_results(path: str | Path) -> dict:
@@ -170,17 +153,3 @@ def plot_runs(runs: list[dict], path: str | Path) -> None:
         _draw(ax, run, "tpf", f"{i + 1}: {_name(run['model'])} / {_task(run)} (AUP {run['aup']:.1f})")
     _finish(ax, runs, "tokens per forward (TPF)")
     _save(fig, path)
-
-
-def run_report(cfg: ReportConfig) -> str:
-    runs = [load_results(p) for p in cfg.results]
-    text = render_markdown(runs)
-    sys.stdout.write(text)
-    if cfg.markdown_out:
-        from ar2dlm.utils.files import atomic_write
-
-        with atomic_write(cfg.markdown_out) as f:
-            f.write(text)
-    if cfg.plot_out:
-        plot_runs(runs, cfg.plot_out)
-    return text

@@ -1,4 +1,4 @@
-"""`ar2dlm ppl` and the likelihood primitives on tiny random models (seconds on a CPU)."""
+"""The likelihood primitives on tiny random models (seconds on a CPU); `ar2dlm ppl` is tested in recipes/test_ppl.py."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ import math
 import pytest
 import torch
 
-from ar2dlm.cli import main
 from ar2dlm.engine import Engine
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.evaluation.likelihood import (
-    PplConfig, ar_nll, diffusion_nll, draw_masks, greedy_match, load_sequences, make_batch, masked_ce, row_seed,
-    run_ppl,
-)
+from ar2dlm.evaluation.likelihood import ar_nll, diffusion_nll, draw_masks, greedy_match, make_batch, masked_ce, row_seed
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
 from ar2dlm.testing import tiny_base, tiny_dlm_folders
@@ -78,24 +74,6 @@ def test_block_size_1_bound_at_t_1_is_the_ar_nll(models):
     sampled = diffusion_nll(models["dlm1"], batch, 3, seeds)
     assert torch.allclose(fixed, ar, rtol=1e-5) and torch.allclose(sampled, ar.expand(3, -1), rtol=1e-5)
     assert ar.min() > 0
-
-
-def test_ar_ppl_equals_hugging_face_loss_on_the_scored_tokens(files, models, tmp_path):
-    # chat records: only the response is scored; the HF loss ignores the same positions via labels = -100
-    res = run_ppl(PplConfig(model=str(files["dlm4"]), data=str(files["chat"]), seq_len=64, samples=2,
-                            output=str(tmp_path / "ppl.json")))
-    examples, _ = load_sequences(PplConfig(model="-", data=str(files["chat"]), seq_len=64), models["tok"])
-    total, count = 0.0, 0
-    for e in examples:
-        ids = torch.tensor([e.input_ids])
-        labels = torch.where(torch.tensor([e.maskable]), ids, torch.full_like(ids, -100))
-        n = int(labels[0, 1:].ne(-100).sum())
-        with torch.no_grad():
-            total += float(models["parent"](input_ids=ids, labels=labels).loss) * n
-        count += n
-    assert res["scored_tokens"] == count < sum(len(e.input_ids) for e in examples)
-    assert res["ar"]["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert res["ar"]["nll_per_token"] == pytest.approx(total / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("which", ["dlm4", "dlm4_noshift"])
@@ -175,60 +153,3 @@ def test_greedy_match_agrees_with_the_engines_ar_decoding(models):
     c = dlm.config
     assert greedy_match(dlm, make_batch(rows, 4, c.mask_token_id, tok.pad_token_id)).all()
     assert not greedy_match(dlm, make_batch(wrong, 4, c.mask_token_id, tok.pad_token_id)).any()
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _ppl(files, out, *extra, model="dlm4"):
-    return main(["ppl", "--model", str(files[model]), "--data", str(files["text"]), "--seq-len", "16",
-                 "--samples", "3", "--output", str(out), *extra])
-
-
-def test_cli_writes_results_json(files, tmp_path, capsys):
-    out = tmp_path / "res" / "ppl.json"
-    assert _ppl(files, out) == 0
-    res = json.loads(out.read_text())
-    assert res["schema"] == "ar2dlm.ppl/1" and res["base"] == str(files["base"]) and res["sequences"] >= 3
-    n = res["sequences"]  # packed chunks of 16 tokens (the last may be shorter), position 0 never scored
-    assert 15 * (n - 1) + 7 <= res["scored_tokens"] <= 15 * n
-    assert res["data_stats"]["text_records"] == len(DOCS) and res["data_stats"]["packed_chunks"] == res["sequences"]
-    d, a = res["dlm"], res["ar"]
-    assert d["block_size"] == 4 and d["samples"] == 3 and d["is_bound"] and d["stderr_per_token"] > 0
-    assert d["ppl_bound"] == pytest.approx(math.exp(d["nelbo_per_token"]))
-    assert a["ppl"] == pytest.approx(math.exp(a["nll_per_token"])) and a["nll_total"] > 0
-    assert res["gap_nats_per_token"] == pytest.approx(d["nelbo_per_token"] - a["nll_per_token"])
-    printed = capsys.readouterr().out
-    assert "AR parent:" in printed and "dLM bound (block 4, 3 draws)" in printed
-    # a sequence's masks depend on the seed and its index, not on the batch it shares
-    out1 = tmp_path / "bs1.json"
-    assert _ppl(files, out1, "--batch-size", "1", "--no-ar") == 0
-    res1 = json.loads(out1.read_text())
-    assert res1["ar"] is None and res1["dlm"]["nelbo_total"] == pytest.approx(d["nelbo_total"], rel=1e-5)
-
-
-def test_cli_block_size_1_bound_equals_ar(files, tmp_path):
-    out = tmp_path / "b1.json"
-    assert _ppl(files, out, model="dlm1") == 0
-    res = json.loads(out.read_text())
-    assert res["dlm"]["nelbo_per_token"] == pytest.approx(res["ar"]["nll_per_token"], rel=1e-5)
-    assert res["dlm"]["stderr_per_token"] == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--data", "/nonexistent/heldout.txt"], "data file not found"),
-    (["--samples", "0"], "--samples must be >= 1"),
-    (["--fixed-t", "1.5"], "fixed t must be in"),
-    (["--seq-len", "1000"], "context window"),
-])
-def test_cli_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, message):
-    rc = _ppl(files, tmp_path / "x.json", *extra)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("ar2dlm: error: ") and message in err and "\n" not in err
-    assert not (tmp_path / "x.json").exists()
-
-
-def test_cli_unwritable_output_fails_before_loading(tmp_path, capsys):
-    (tmp_path / "a_file").write_text("x")
-    for out, message in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "x.json", "is a file, not a folder")):
-        assert main(["ppl", "--model", str(tmp_path / "no-model"), "--data", "x.txt", "--output", str(out)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("ar2dlm: error: --output ") and message in err and "\n" not in err, err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
@@ -15,7 +14,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from ar2dlm.cli import main  # noqa: E402
 from ar2dlm.engine import DecodeParams, Engine  # noqa: E402
 from ar2dlm.evaluation.fidelity import completion_nll  # noqa: E402
 from ar2dlm.evaluation.lm_eval_adapter import Ar2dlmLM  # noqa: E402
@@ -33,9 +31,8 @@ def _task(name: str, data, cache, body: str) -> str:
             f"  cache_dir: {cache}\ntest_split: test\n{body}")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval")
+def write_tasks(root) -> dict:
+    """A tiny AR parent, its dLMs (blocks 1 and 4), and local YAML tasks (generation, choice, rolling) over jsonl."""
     base = tiny_base(root)
     dlms = tiny_dlm_folders(root, base)
     tasks, cache = root / "tasks", root / "hf-datasets"
@@ -53,6 +50,11 @@ def files(tmp_path_factory):
         'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")))
     return {"root": root, "base": base, **dlms, "tasks": tasks}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("lm_eval"))
 
 
 @pytest.fixture(autouse=True)
@@ -144,26 +146,14 @@ def test_loglikelihood_is_seeded_by_content(files):
     assert Ar2dlmLM(pretrained=str(files["dlm4"]), samples=2, seed=1).loglikelihood(reqs) != first
 
 
-def test_cli_runs_lm_eval_and_bad_args_exit_2(files, tmp_path, monkeypatch, capsys):
-    # lm_eval's CLI indexes its ~15k built-in task files first (10+ s on a CPU): only our local tasks here
-    import lm_eval.tasks
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
-    out = tmp_path / "out"
-    rc = main(["lm-eval", "--model_args", f"pretrained={files['dlm4']},samples=1", "--tasks", "tiny_gen,tiny_mc",
-               "--include_path", str(files["tasks"]), "--limit", "2", "--output_path", str(out)])
-    assert rc == 0
-    (results,) = out.rglob("results_*.json")
-    data = json.loads(results.read_text())
-    assert data["config"]["model"] == "ar2dlm" and set(data["results"]) == {"tiny_gen", "tiny_mc"}
-    assert "tiny_gen" in capsys.readouterr().out  # lm_eval's own results table
-
-    rc = main(["lm-eval", "--model_args", f"pretrained={files['dlm4']},temprature=0.5", "--tasks", "tiny_gen",
-               "--include_path", str(files["tasks"])])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err.startswith("ar2dlm: error: unknown ar2dlm model_args: temprature")
-
-    rc = main(["lm-eval", "--model_args", f"pretrained={files['dlm4']}", "--tasks", "tiny_nosuchtask",
-               "--include_path", str(files["tasks"])])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "Tasks not found" in err[0] and "tiny_nosuchtask" in err[0]
+def test_model_args_take_every_decoding_setting(files):
+    lm = Ar2dlmLM(pretrained=str(files["dlm4"]), policy="entropy", tau="0.4", block_parallel=True,
+                  activate_ratio=0.8, max_open_blocks="2", p_add=0.2, seed=3, stop_strings="END")
+    assert lm._decode == DecodeParams(policy="entropy", tau=0.4, block_parallel=True, activate_ratio=0.8,
+                                      max_open_blocks=2, p_add=0.2, seed=3, stop_strings=("END",))
+    assert lm.seed == 3  # the bound's draws share the seed
+    greedy = lm._decode_config({"until": ["\n"], "max_gen_toks": 5})
+    assert greedy.max_new_tokens == 5 and greedy.stop_strings == ("END", "\n") and greedy.temperature == 0.0
+    assert greedy.max_open_blocks == 2 and greedy.activate_ratio == 0.8
+    sampled = lm._decode_config({"do_sample": True, "top_k": 4})
+    assert sampled.temperature == 1.0 and sampled.top_k == 4

@@ -45,11 +45,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
                                required=required, help=f"{help_text}{shown}")
 
 
-def dataclass_from_args(cls, args: argparse.Namespace):
-    """The dataclass of parsed options; a repeatable flag given no time keeps the field's default."""
-    values = {}
+def dataclass_from_args(cls, args: argparse.Namespace, **given):
+    """The dataclass of parsed options; a repeatable flag given no time keeps the field's default. `given` sets
+    fields that are not options themselves (a command's DecodeParams, read by `decode_params_from_args`)."""
+    values = dict(given)
     for f in dataclasses.fields(cls):
-        if f.name not in vars(args):
+        if f.name not in vars(args) or f.name in given:
             continue
         value = getattr(args, f.name)
         if isinstance(value, list):

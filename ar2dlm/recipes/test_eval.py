@@ -12,11 +12,11 @@ from ar2dlm.cli import main
 from ar2dlm.engine import DecodeParams, Engine, GenerationResult
 from ar2dlm.evaluation.aup import aup
 from ar2dlm.evaluation.fidelity import completion_nll
-from ar2dlm.evaluation.runner import EvalConfig, PartialStore, parse_sweep
 from ar2dlm.evaluation.tasks.gsm8k import GSM8K
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
+from ar2dlm.recipes.eval import EvalConfig, parse_sweep
 from ar2dlm.testing import tiny_base
 
 GSM = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
@@ -147,16 +147,6 @@ def test_resume_skips_finished_samples(files, tmp_path, monkeypatch):
         assert a["accuracy"] == b["accuracy"] and a["tpf"] == b["tpf"]
 
 
-def test_partial_store_survives_a_torn_line(tmp_path):
-    path = tmp_path / "p.jsonl"
-    PartialStore(path).add([{"point": "a", "id": "s0", "prompt_sha": "x", "text": "t"}])
-    with open(path, "a") as f:
-        f.write('{"point": "a", "id": "s1", "pro')
-    store = PartialStore(path)
-    store.add([{"point": "a", "id": "s2", "prompt_sha": "y", "text": "u"}])
-    assert sorted(k[1] for k in PartialStore(path).records) == ["s0", "s2"]
-
-
 def test_fidelity_of_the_parent_wrapped_as_block_size_1_is_exact(files, tmp_path):
     res = _eval(files, tmp_path / "f.json", "--chat", "--baseline-ar", model="dlm1", task="fidelity")
     assert res["prompt_task"] == "gsm8k" and res["base"] == str(files["base"])
@@ -206,7 +196,7 @@ def test_parse_sweep():
     (["--sweep", "tau"], "malformed --sweep"),
     (["--sweep", "tau=0.5,x"], "not a valid float"),
     (["--sweep", "nope=1,2"], "unknown decode setting"),
-    (["--policy", "fast"], "unknown decoding policy"),
+    (["--sweep", "policy=threshold,fast"], "unknown decoding policy"),
     (["--model", "{root}/missing"], "not found"),
     (["--source", "{root}/empty.jsonl"], "no samples"),
     (["--task", "fidelity", "--source", "{root}/empty.jsonl"], "no samples"),
@@ -232,3 +222,23 @@ def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, args, message
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ar2dlm: error:") and message in err[0], err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_policy_that_does_not_exist_is_refused_by_the_parser(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # --policy has choices: argparse's own usage error, exit 2
+        main(["eval", "--model", str(files["dlm4"]), "--task", "gsm8k", "--policy", "fast"])
+    assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_decode_options_come_from_decode_params_with_eval_defaults():
+    import argparse
+
+    from ar2dlm.recipes.eval import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--model", "m", "--task", "gsm8k", "--activate-ratio", "0.8",
+                                              "--max-open-blocks", "2", "--stop", "END"]))
+    assert cfg.decode == DecodeParams(max_new_tokens=256, activate_ratio=0.8, max_open_blocks=2, stop_strings=("END",))
+    ((_, _, params),) = cfg.points(("Question:",))
+    assert params.stop_strings == ("END", "Question:")  # the task's stops join the user's

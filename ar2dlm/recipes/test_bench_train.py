@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-from ar2dlm.bench.train_throughput import BenchConfig
+from ar2dlm.recipes.bench_train import TrainBenchConfig
 from ar2dlm.cli import main
 from ar2dlm.errors import Ar2dlmError
 
 
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(Ar2dlmError, match="--device"):  # torch.device('tpu') used to be a RuntimeError traceback
-        BenchConfig(device="tpu")
+        TrainBenchConfig(device="tpu")
     with pytest.raises(Ar2dlmError, match="--json-out"):
-        BenchConfig(json_out=str(tmp_path))
+        TrainBenchConfig(json_out=str(tmp_path))
     with pytest.raises(Ar2dlmError, match="seq-len"):
-        BenchConfig(seq_len=4, block_size=4)
+        TrainBenchConfig(seq_len=4, block_size=4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")

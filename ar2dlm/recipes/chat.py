@@ -9,20 +9,34 @@ context window together with `--max-new-tokens`, the oldest turns are dropped (a
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from ar2dlm.engine import DecodeParams, Engine, GenerationResult, check_text
-from ar2dlm.decoding.generate import DecodeOptions, ModelOption, load_for_decoding
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.open import MODEL_SPEC_HELP, open_for_decoding
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 
 HELP = "/reset clears the history, /quit (or Ctrl-D) leaves"
 
 
 @dataclass(kw_only=True)
-class ChatConfig(DecodeOptions, ModelOption):
+class ChatConfig:
+    model: str = field(metadata={"help": MODEL_SPEC_HELP})
     system: str | None = field(default=None, metadata={"help": "system message at the start of the conversation"})
+    decode: DecodeParams = field(default_factory=DecodeParams, metadata={"cli": False})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, ChatConfig)
+    add_decode_args(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> ChatConfig:
+    return dataclass_from_args(ChatConfig, args, decode=decode_params_from_args(args))
 
 
 class ChatSession:
@@ -126,12 +140,11 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
     return 0
 
 
-def run_chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             stderr: TextIO | None = None) -> int:
+def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    dcfg = cfg.decode_config()  # validate the options before loading anything
-    dlm, tokenizer = load_for_decoding(cfg.model)
-    session = ChatSession(Engine(dlm, tokenizer), dcfg, cfg.system)
-    print(_dim(f"chat with {cfg.model} (block size {dlm.config.block_size}, policy {dcfg.policy}); {HELP}", stderr),
-          file=stderr, flush=True)
+    dlm, tokenizer, _ = open_for_decoding(cfg.model)
+    session = ChatSession(Engine(dlm, tokenizer), cfg.decode, cfg.system)
+    print(_dim(f"chat with {cfg.model} (block size {dlm.config.block_size}, policy {cfg.decode.policy}); {HELP}",
+               stderr), file=stderr, flush=True)
     return chat_loop(session, stdin, stdout, stderr)

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from ar2dlm.bench.decode_speed import (AR_METHOD, HF_METHOD, DecodeBenchConfig, PolicySpec, parse_batch_sizes,
-                                       parse_policy_spec, parse_policy_specs, run_decode_bench)
+from ar2dlm.engine import DecodeParams
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
+from ar2dlm.recipes.bench_decode import (AR_METHOD, HF_METHOD, DecodeBenchConfig, parse_batch_sizes,
+                                         parse_policy_specs, run)
 from ar2dlm.testing import tiny_base
 
-MAX_NEW = 10
+SHORT_ANSWERS = DecodeParams(max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,10 @@ def _rows(result, method):
 def test_bench_rows_measured_tpf_agreement_and_files(models, capsys):
     tmp = models["tmp"]
     cfg = DecodeBenchConfig(model=str(models["dlm4"]), prompts=str(models["prompts"]),
-                            policies="threshold:0.9,steps:2", batch_sizes="1,2", max_new_tokens=MAX_NEW,
+                            policies="threshold:0.9,steps:2", batch_sizes="1,2", decode=SHORT_ANSWERS,
                             block_parallel_too=True, warmup=1, json_out=str(tmp / "bench.json"),
                             plot_out=str(tmp / "bench.png"))
-    result = run_decode_bench(cfg)
+    result = run(cfg)
     methods = [HF_METHOD, AR_METHOD, "threshold:0.9", "steps:2", "threshold:0.9+bp", "steps:2+bp"]
     assert result["methods"] == methods
     assert result["base"] == str(models["parent"])  # the parent recorded in the dLM
@@ -85,8 +86,8 @@ def test_bench_rows_measured_tpf_agreement_and_files(models, capsys):
 
 def test_block_size_one_dlm_of_the_parent_agrees_fully(models, capsys):
     cfg = DecodeBenchConfig(model=str(models["dlm1"]), base=str(models["parent"]), prompts=str(models["prompts"]),
-                            policies="threshold:0.9,entropy:0.5", batch_sizes="1,3", max_new_tokens=MAX_NEW, warmup=0)
-    result = run_decode_bench(cfg)
+                            policies="threshold:0.9,entropy:0.5", batch_sizes="1,3", decode=SHORT_ANSWERS, warmup=0)
+    result = run(cfg)
     assert len(result["rows"]) == 4 * 2
     for method in ("threshold:0.9", "entropy:0.5"):
         for bs, r in _rows(result, method).items():
@@ -95,11 +96,16 @@ def test_block_size_one_dlm_of_the_parent_agrees_fully(models, capsys):
 
 
 def test_parse_policy_specs():
-    assert parse_policy_spec("threshold:0.7") == PolicySpec("threshold", tau=0.7)
-    assert parse_policy_spec(" entropy:1.5 ") == PolicySpec("entropy", tau=1.5)
-    assert parse_policy_spec("steps:3") == PolicySpec("steps", steps_per_forward=3)
-    assert parse_policy_spec("threshold").tau == 0.9 and parse_policy_spec("entropy").tau == 0.5
-    assert parse_policy_spec("ar") == PolicySpec("ar")
+    spec = DecodeParams.from_spec
+    assert spec("threshold:0.7") == DecodeParams(policy="threshold", tau=0.7)
+    assert spec(" entropy:1.5 ") == DecodeParams(policy="entropy", tau=1.5)
+    assert spec("steps:3") == DecodeParams(policy="steps", steps_per_forward=3)
+    assert spec("threshold").make_policy().tau == 0.9 and spec("entropy").make_policy().tau == 0.5
+    assert spec("threshold").label == "threshold:0.9"
+    assert spec("ar") == DecodeParams(policy="ar")
+    assert spec("entropy:0.5+bp") == DecodeParams(policy="entropy", tau=0.5, block_parallel=True)
+    assert parse_policy_specs("steps:3", base=DecodeParams(max_new_tokens=7, p_add=0.3)) == [
+        DecodeParams(policy="steps", steps_per_forward=3, max_new_tokens=7, p_add=0.3)]
     specs = parse_policy_specs("threshold:0.9,steps:2,threshold:0.9,ar", block_parallel_too=True)
     assert [s.label for s in specs] == ["threshold:0.9", "steps:2", "ar", "threshold:0.9+bp", "steps:2+bp"]
     assert parse_batch_sizes("1, 8,1") == [1, 8]
@@ -107,7 +113,8 @@ def test_parse_policy_specs():
 
 @pytest.mark.parametrize("spec, match", [
     ("threshold:1.5", "in \\[0, 1\\]"), ("threshold:-0.1", "in \\[0, 1\\]"), ("entropy:-1", ">= 0"),
-    ("steps:0", "k >= 1"), ("steps:1.5", "integer"), ("threshold:high", "needs a number"), ("greedy:1", "unknown"),
+    ("steps:0", "k >= 1"), ("steps:1.5", "not a valid int"), ("threshold:high", "not a valid float"),
+    ("greedy:1", "unknown"),
     ("ar:1", "no value"), ("threshold:", "no value"), (" , ", "empty"),
 ])
 def test_bad_policy_specs(spec, match):
@@ -117,11 +124,11 @@ def test_bad_policy_specs(spec, match):
         DecodeBenchConfig(model="nowhere", policies=spec)
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_sizes": "0"}, {"batch_sizes": "1,x"}, {"max_new_tokens": 0},
+@pytest.mark.parametrize("kwargs", [{"batch_sizes": "0"}, {"batch_sizes": "1,x"}, {"decode": {"max_new_tokens": 0}},
                                     {"warmup": -1}])
 def test_bad_settings(kwargs):
     with pytest.raises(Ar2dlmError):
-        DecodeBenchConfig(model="nowhere", **kwargs)
+        DecodeBenchConfig(model="nowhere", **{k: DecodeParams(**v) if k == "decode" else v for k, v in kwargs.items()})
 
 
 def test_unwritable_outputs_are_refused_before_the_run(tmp_path):

@@ -7,6 +7,7 @@ tokens pass through the network; the target is a ratio of at most 2.5.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -21,6 +22,7 @@ from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file, write_json
 
@@ -29,7 +31,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 
 @dataclass
-class BenchConfig:
+class TrainBenchConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "base model (embedded name, folder, gguf, hub id)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
@@ -48,6 +50,14 @@ class BenchConfig:
         check_output_file(self.json_out, "--json-out")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, TrainBenchConfig)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
+    return dataclass_from_args(TrainBenchConfig, args)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -57,8 +67,8 @@ def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_benchmark(cfg: BenchConfig) -> dict:
-    device = resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
+def _step_functions(cfg: TrainBenchConfig, device: torch.device):
+    """(AR step, dLM step, parameter count): one optimizer step each, on the same random batch and model."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     base, tokenizer = load_base(cfg.model, dtype=torch.float32)
@@ -97,41 +107,59 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         dlm_opt.step()
         dlm_opt.zero_grad(set_to_none=True)
 
-    times = {"ar": [], "dlm": []}
-    for i in range(cfg.warmup + cfg.steps):
-        for name, fn in (("ar", ar_step), ("dlm", dlm_step)):
+    return ar_step, dlm_step, _param_count(ar_model)
+
+
+def _time_steps(steps: dict, warmup: int, timed: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each timed step, the methods alternating so that machine noise hits them alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + timed):
+        for name, fn in steps.items():
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
-            if i >= cfg.warmup:
+            if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    return times
 
-    tokens = cfg.batch_size * cfg.seq_len
-    n_params = _param_count(ar_model)
-    result = {"config": asdict(cfg), "device": str(device), "params": n_params}
-    for name in ("ar", "dlm"):
-        med = statistics.median(times[name])
-        result[name] = {"step_s": med, "tokens_per_s": tokens / med, "steps": times[name]}
-    result["dlm_over_ar_step_time"] = result["dlm"]["step_s"] / result["ar"]["step_s"]
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        result["gpu"] = name
-        for key, passes in (("ar", 1), ("dlm", 2)):  # the dLM runs 2L positions per sequence
-            flops = 6 * n_params * tokens * passes / result[key]["step_s"]
-            result[key]["model_tflops"] = flops / 1e12
-            if peak:
-                result[key]["mfu"] = flops / peak
 
-    print(f"model {cfg.model} ({n_params / 1e6:.0f}M params) on {device}, batch {cfg.batch_size} x {cfg.seq_len} "
-          f"tokens, block {cfg.block_size}, median of {cfg.steps} steps")
+def _add_utilisation(result: dict, device: torch.device, n_params: int, tokens: int) -> None:
+    """Model TFLOP/s (6 N per token and pass) and, on a known GPU, the share of its bf16 peak."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    result["gpu"] = name
+    for key, passes in (("ar", 1), ("dlm", 2)):  # the dLM runs 2L positions per sequence
+        flops = 6 * n_params * tokens * passes / result[key]["step_s"]
+        result[key]["model_tflops"] = flops / 1e12
+        if peak:
+            result[key]["mfu"] = flops / peak
+
+
+def _print_result(cfg: TrainBenchConfig, result: dict) -> None:
+    print(f"model {cfg.model} ({result['params'] / 1e6:.0f}M params) on {result['device']}, batch {cfg.batch_size} "
+          f"x {cfg.seq_len} tokens, block {cfg.block_size}, median of {cfg.steps} steps")
     print(f"{'':<22}{'step (s)':>10}{'tokens/s':>12}")
     for key, label in (("ar", "AR fine-tuning"), ("dlm", "dLM conversion")):
         extra = f"  MFU {result[key]['mfu']:.1%}" if "mfu" in result[key] else ""
         print(f"{label:<22}{result[key]['step_s']:>10.3f}{result[key]['tokens_per_s']:>12.0f}{extra}")
     verdict = "meets" if result["dlm_over_ar_step_time"] <= 2.5 else "misses"
     print(f"dLM step / AR step = {result['dlm_over_ar_step_time']:.2f}x ({verdict} the <= 2.5x target)")
+
+
+def run(cfg: TrainBenchConfig) -> dict:
+    device = resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
+    ar_step, dlm_step, n_params = _step_functions(cfg, device)
+    times = _time_steps({"ar": ar_step, "dlm": dlm_step}, cfg.warmup, cfg.steps, device)
+    tokens = cfg.batch_size * cfg.seq_len
+    result = {"config": asdict(cfg), "device": str(device), "params": n_params}
+    for name in ("ar", "dlm"):
+        med = statistics.median(times[name])
+        result[name] = {"step_s": med, "tokens_per_s": tokens / med, "steps": times[name]}
+    result["dlm_over_ar_step_time"] = result["dlm"]["step_s"] / result["ar"]["step_s"]
+    if device.type == "cuda":
+        _add_utilisation(result, device, n_params, tokens)
+    _print_result(cfg, result)
     if cfg.json_out:
         write_json(cfg.json_out, result)
     return result

@@ -27,6 +27,8 @@ tokens are exactly equal, and the mean leading agreement (common prefix / longer
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -36,10 +38,12 @@ from pathlib import Path
 
 import torch
 
-from ar2dlm.decoding.compare import leading_agreement, load_prompts, trim_at_stop
 from ar2dlm.engine import DecodeParams, Engine, default_stop_ids, encode_prompt
-from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, make_policy
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args
+from ar2dlm.engine.policies import DEFAULT_TAU
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.evaluation.agreement import leading_agreement, load_prompts, trim_at_stop
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 from ar2dlm.utils.devices import resolve_device
 from ar2dlm.utils.files import check_output_file, write_json
 
@@ -48,72 +52,19 @@ AR_METHOD = "ar-engine"
 
 
 # ------------------------------------------------------------------------------------------------- policy specs
-@dataclass(frozen=True)
-class PolicySpec:
-    """One dLM decoding setting of the benchmark: a policy, its parameter, and single- or multi-block decoding."""
-
-    policy: str
-    tau: float | None = None  # threshold / entropy
-    steps_per_forward: int = 2  # steps
-    block_parallel: bool = False
-
-    @property
-    def label(self) -> str:
-        if self.policy in DEFAULT_TAU:
-            base = f"{self.policy}:{self.tau:g}"
-        elif self.policy == "steps":
-            base = f"steps:{self.steps_per_forward}"
-        else:
-            base = self.policy
-        return base + ("+bp" if self.block_parallel else "")
-
-    def decode_config(self, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeParams:
-        return DecodeParams(max_new_tokens=max_new_tokens, policy=self.policy, tau=self.tau,
-                            steps_per_forward=self.steps_per_forward, stop_token_ids=stop_ids,
-                            block_parallel=self.block_parallel)
-
-
-def parse_policy_spec(text: str) -> PolicySpec:
-    """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`; a bare name takes the default."""
-    name, sep, value = text.strip().partition(":")
-    name, value = name.strip(), value.strip()
-    if name not in POLICIES:
-        raise Ar2dlmError(f"unknown policy {name!r} in spec {text.strip()!r} (choose from {', '.join(POLICIES)})")
-    if sep and not value:
-        raise Ar2dlmError(f"policy spec {text.strip()!r} has no value after ':'")
-    if name == "ar":
-        if value:
-            raise Ar2dlmError(f"the ar policy takes no value, got {text.strip()!r}")
-        spec = PolicySpec("ar")
-    elif name == "steps":
-        try:
-            k = int(value) if value else 2
-        except ValueError:
-            raise Ar2dlmError(f"steps:K needs an integer K (tokens per forward), got {text.strip()!r}") from None
-        spec = PolicySpec("steps", steps_per_forward=k)
-    else:
-        try:
-            tau = float(value) if value else DEFAULT_TAU[name]
-        except ValueError:
-            raise Ar2dlmError(f"{name}:TAU needs a number, got {text.strip()!r}") from None
-        spec = PolicySpec(name, tau=tau)
-    make_policy(spec.policy, spec.tau, spec.steps_per_forward)  # range checks (tau in [0, 1], entropy >= 0, k >= 1)
-    return spec
-
-
-def parse_policy_specs(text: str, block_parallel_too: bool = False) -> list[PolicySpec]:
-    """Comma-separated specs, duplicates dropped; with `block_parallel_too` each non-ar spec also runs multi-block."""
+def parse_policy_specs(text: str, block_parallel_too: bool = False,
+                       base: DecodeParams | None = None) -> list[DecodeParams]:
+    """Comma-separated `DecodeParams.from_spec` specs (`threshold:0.9`, `entropy:0.5`, `steps:2`, `ar`, a `+bp`
+    suffix for multi-block), duplicates dropped; with `block_parallel_too` each non-ar spec also runs multi-block.
+    `base` gives the other decoding fields (length, multi-block knobs)."""
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
         raise Ar2dlmError("--policies is empty (e.g. threshold:0.9,entropy:0.5,steps:2)")
-    specs: list[PolicySpec] = []
-    for p in parts:
-        s = parse_policy_spec(p)
-        if s not in specs:
-            specs.append(s)
+    fields = {} if base is None else {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    specs = list(dict.fromkeys(DecodeParams.from_spec(p, **fields) for p in parts))
     if block_parallel_too:
-        specs += [PolicySpec(s.policy, s.tau, s.steps_per_forward, True) for s in list(specs) if s.policy != "ar"]
-    return specs
+        specs += [s.replace(block_parallel=True) for s in list(specs) if s.policy != "ar"]
+    return list(dict.fromkeys(specs))
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -127,24 +78,29 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ config
+DECODE_DEFAULTS = {"max_new_tokens": 128}
+# The specs set the policy; every method decodes greedily, as HF generate does, so agreement means something.
+DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_parallel", "temperature", "top_p", "top_k",
+               "seed", "stop_strings")
+
+
 @dataclass
 class DecodeBenchConfig:
     model: str = field(metadata={"help": "converted dLM folder"})
     base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
     prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
     policies: str = field(default="threshold:0.9,threshold:0.7,entropy:0.5", metadata={
-        "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar"})
+        "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar; "
+                "a +bp suffix decodes multi-block"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens per answer at most"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
     warmup: int = field(default=1, metadata={"help": "untimed calls per method and batch size (on the first group)"})
     device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
     plot_out: str | None = field(default=None, metadata={"help": "also draw tokens/s per method and batch size (PNG)"})
+    decode: DecodeParams = field(default_factory=lambda: DecodeParams(**DECODE_DEFAULTS), metadata={"cli": False})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise Ar2dlmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.warmup < 0:
             raise Ar2dlmError(f"--warmup must be >= 0, got {self.warmup}")
         self.policy_specs()
@@ -152,11 +108,20 @@ class DecodeBenchConfig:
         check_output_file(self.json_out, "--json-out")
         check_output_file(self.plot_out, "--plot-out")
 
-    def policy_specs(self) -> list[PolicySpec]:
-        return parse_policy_specs(self.policies, self.block_parallel_too)
+    def policy_specs(self) -> list[DecodeParams]:
+        return parse_policy_specs(self.policies, self.block_parallel_too, self.decode)
 
     def batch_size_list(self) -> list[int]:
         return parse_batch_sizes(self.batch_sizes)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, DecodeBenchConfig)
+    add_decode_args(parser, defaults=DECODE_DEFAULTS, skip=DECODE_SKIP)
+
+
+def config_from_args(args: argparse.Namespace) -> DecodeBenchConfig:
+    return dataclass_from_args(DecodeBenchConfig, args, decode=decode_params_from_args(args))
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -203,7 +168,7 @@ class _Method:
     kind: str  # "hf" | "engine"
     run: Callable[[list[list[int]]], list[tuple[list[int], int]]]  # group -> [(answer tokens, NFE)]
     calls: Callable[[], int]
-    spec: PolicySpec | None = None
+    spec: DecodeParams | None = None
     model: str = ""
 
 
@@ -229,7 +194,7 @@ def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: i
     return _Method(HF_METHOD, "hf", run, lambda: counter.calls, None, model)
 
 
-def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: PolicySpec | None, model: str,
+def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: DecodeParams | None, model: str,
                    counter: _CallCounter) -> _Method:
     """`counter` counts the calls of `dlm`'s decoder (one counter per model: the dLM methods share it)."""
     engine = Engine(dlm, tokenizer)
@@ -268,50 +233,86 @@ def _time_pass(methods: list[_Method], groups: list[list[list[int]]], warmup: in
 
 # --------------------------------------------------------------------------------------------------------- run
 def _load_models(cfg: DecodeBenchConfig, device: torch.device):
+    """The dLM, the AR parent for HF generate, and a second copy of the parent wrapped as a block-size-1 dLM for our
+    engine (wrapping adds the mask token's row, which must not touch HF generate's model)."""
     from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.model.loading import load_base
+    from ar2dlm.model.open import open_for_decoding, parent_spec
 
     path = Path(cfg.model).expanduser()
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM folder at {cfg.model}")
     dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=device)
-    base_name = cfg.base or dlm.config.base_model
-    if base_name is None:
-        raise Ar2dlmError(f"the dLM at {cfg.model} does not record its AR parent: pass --base")
+    base_name = parent_spec(dlm, cfg.base)
     parent, parent_tok = load_base(base_name, device=device)
-    # A second copy for the engine: wrapping adds the mask token's row, which must not touch HF generate's model.
-    wrapped_backbone, wrapped_tok = load_base(base_name, device=device)
-    wrapped = BlockDiffusionLM.from_base(wrapped_backbone, wrapped_tok, block_size=1).to(device)
-    return dlm.eval(), tokenizer, parent.eval(), parent_tok, wrapped.eval(), wrapped_tok, base_name
+    wrapped, wrapped_tok, _ = open_for_decoding(base_name, device=device, what="AR parent")
+    return dlm.eval(), tokenizer, parent.eval(), parent_tok, wrapped, wrapped_tok, base_name
 
 
-def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
-    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
-    prompts = load_prompts(cfg.prompts)
-    device = resolve_device(cfg.device)
-    dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
+def _prompt_ids(prompts: list[str], tok, parent, parent_tok, max_new_tokens: int) -> list[list[int]]:
+    """The prompts as token ids (chat template when there is one), the same for the dLM and its parent, and short
+    enough to leave room for the answers in the parent's context window."""
+    from ar2dlm.model.open import context_length
 
     prompt_ids = [encode_prompt(tok, p, chat=bool(getattr(tok, "chat_template", None))) for p in prompts]
     for p, ids in zip(prompts, prompt_ids):
         if encode_prompt(parent_tok, p, chat=bool(getattr(parent_tok, "chat_template", None))) != ids:
             raise Ar2dlmError(f"the dLM and its AR parent tokenize the prompt {p[:40]!r} differently")
-    context = getattr(parent.config, "max_position_embeddings", None)
+    context = context_length(parent)
     longest = max(len(ids) for ids in prompt_ids)
-    if context is not None and longest + cfg.max_new_tokens > context:
-        raise Ar2dlmError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+    if context is not None and longest + max_new_tokens > context:
+        raise Ar2dlmError(f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds "
                           f"the context window ({context}); use shorter prompts or a smaller --max-new-tokens")
+    return prompt_ids
+
+
+def _row(m: _Method, bs: int, r: dict, reference: list[list[int]], tok) -> dict:
+    """One method at one batch size: its totals, measured TPF and agreement with the parent's greedy answers."""
+    answers, nfe = r["answers"], sum(r["nfe"])
+    n_tok = sum(len(a) for a in answers)
+    exact = [a == ref for a, ref in zip(answers, reference)]
+    lead = [leading_agreement(a, ref) for a, ref in zip(answers, reference)]
+    spec = m.spec
+    return {
+        "method": m.name, "kind": m.kind, "on": "AR" if spec is None else "dLM", "model": m.model,
+        "policy": spec.policy if spec else ("ar" if m.kind == "engine" else "hf-greedy"),
+        "tau": spec.make_policy().tau if spec and spec.policy in DEFAULT_TAU else None,
+        "steps_per_forward": spec.steps_per_forward if spec and spec.policy == "steps" else None,
+        "block_parallel": bool(spec and spec.block_parallel), "batch_size": bs,
+        "tokens": n_tok, "wall_s": r["wall_s"], "tokens_per_s": n_tok / r["wall_s"] if r["wall_s"] else 0.0,
+        "calls": r["calls"], "nfe": nfe, "tpf": n_tok / nfe if nfe else 0.0,
+        "exact_agreement": sum(exact) / len(exact), "leading_agreement": sum(lead) / len(lead),
+        "per_prompt": [{"tokens": len(a), "nfe": n, "exact": e, "leading": ld,
+                        "text": tok.decode(a, skip_special_tokens=True)}
+                       for a, n, e, ld in zip(answers, r["nfe"], exact, lead)],
+    }
+
+
+def _add_speed_ratios(rows: list[dict]) -> None:
+    """Each row's tokens/s as a multiple of HF generate's and of our ar's at the same batch size."""
+    for row in rows:
+        same = {r["method"]: r for r in rows if r["batch_size"] == row["batch_size"]}
+        for key, name in (("vs_hf", HF_METHOD), ("vs_ar", AR_METHOD)):
+            base = same[name]["tokens_per_s"]
+            row[key] = row["tokens_per_s"] / base if base else None
+
+
+def run(cfg: DecodeBenchConfig) -> dict:
+    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
+    prompts = load_prompts(cfg.prompts)
+    device = resolve_device(cfg.device)
+    dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
+    max_new = cfg.decode.max_new_tokens
+    prompt_ids = _prompt_ids(prompts, tok, parent, parent_tok, max_new)
     stops = default_stop_ids(tok)
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 
-    ar_cfg = DecodeParams(max_new_tokens=cfg.max_new_tokens, policy="ar", stop_token_ids=stops)
+    ar_params = cfg.decode.replace(policy="ar", stop_token_ids=stops)
     wrapped_calls, dlm_calls = _CallCounter(wrapped.backbone.get_decoder()), _CallCounter(dlm.backbone.get_decoder())
-    methods = [
-        _hf_method(parent, stops, pad_id, cfg.max_new_tokens, device, base_name),
-        _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_cfg, None, base_name, wrapped_calls),
-    ]
-    for s in specs:
-        methods.append(_engine_method(s.label, dlm, tok, s.decode_config(cfg.max_new_tokens, stops), s, cfg.model,
-                                      dlm_calls))
+    methods = [_hf_method(parent, stops, pad_id, max_new, device, base_name),
+               _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_params, None, base_name, wrapped_calls)]
+    methods += [_engine_method(s.label, dlm, tok, s.replace(stop_token_ids=stops), s, cfg.model, dlm_calls)
+                for s in specs]
 
     passes: dict[int, dict] = {}
     for bs in batch_sizes:
@@ -324,33 +325,8 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
         reference = passes[1][HF_METHOD]["answers"]
     else:  # the parent's own greedy answers, one prompt at a time (untimed)
         reference = [methods[0].run([ids])[0][0] for ids in prompt_ids]
-
-    rows = []
-    for bs in batch_sizes:
-        for m in methods:
-            r = passes[bs][m.name]
-            answers, nfe = r["answers"], sum(r["nfe"])
-            n_tok = sum(len(a) for a in answers)
-            exact = [a == ref for a, ref in zip(answers, reference)]
-            lead = [leading_agreement(a, ref) for a, ref in zip(answers, reference)]
-            rows.append({
-                "method": m.name, "kind": m.kind, "on": "AR" if m.spec is None else "dLM", "model": m.model,
-                "policy": m.spec.policy if m.spec else ("ar" if m.kind == "engine" else "hf-greedy"),
-                "tau": m.spec.tau if m.spec else None,
-                "steps_per_forward": m.spec.steps_per_forward if m.spec and m.spec.policy == "steps" else None,
-                "block_parallel": bool(m.spec and m.spec.block_parallel), "batch_size": bs,
-                "tokens": n_tok, "wall_s": r["wall_s"], "tokens_per_s": n_tok / r["wall_s"] if r["wall_s"] else 0.0,
-                "calls": r["calls"], "nfe": nfe, "tpf": n_tok / nfe if nfe else 0.0,
-                "exact_agreement": sum(exact) / len(exact), "leading_agreement": sum(lead) / len(lead),
-                "per_prompt": [{"tokens": len(a), "nfe": n, "exact": e, "leading": ld,
-                                "text": tok.decode(a, skip_special_tokens=True)}
-                               for a, n, e, ld in zip(answers, r["nfe"], exact, lead)],
-            })
-    for row in rows:
-        same = {r["method"]: r for r in rows if r["batch_size"] == row["batch_size"]}
-        for key, name in (("vs_hf", HF_METHOD), ("vs_ar", AR_METHOD)):
-            base = same[name]["tokens_per_s"]
-            row[key] = row["tokens_per_s"] / base if base else None
+    rows = [_row(m, bs, passes[bs][m.name], reference, tok) for bs in batch_sizes for m in methods]
+    _add_speed_ratios(rows)
 
     result = {
         "config": asdict(cfg), "model": cfg.model, "base": base_name, "block_size": dlm.config.block_size,
@@ -363,6 +339,9 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> dict:
         write_json(cfg.json_out, result)
     if cfg.plot_out:
         plot_decode_bench(result, cfg.plot_out)
+    written = [p for p in (cfg.json_out, cfg.plot_out) if p]
+    if written:
+        print(f"wrote {' and '.join(written)}", file=sys.stderr)
     return result
 
 
@@ -371,7 +350,7 @@ def format_table(result: dict) -> str:
     cfg = result["config"]
     lines = [
         f"dLM {result['model']} (block {result['block_size']}) vs AR parent {result['base']}",
-        f"{len(result['prompts'])} prompts, <= {cfg['max_new_tokens']} new tokens, {result['device']}, "
+        f"{len(result['prompts'])} prompts, <= {cfg['decode']['max_new_tokens']} new tokens, {result['device']}, "
         f"{result['threads']} thread(s), warmup {cfg['warmup']}; agreement vs {HF_METHOD} at batch 1",
         f"{'batch':>5}  {'on':<4}{'method':<20}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'calls':>7}{'NFE':>7}{'TPF':>6}"
         f"{'x HF':>7}{'x ar':>7}{'exact':>7}{'lead':>6}",

@@ -1,0 +1,56 @@
+"""`ar2dlm generate`: answer one prompt with the cached engine, print the text and a one-line metrics summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from ar2dlm.engine import DecodeParams, Engine, GenerationResult, encode_prompt
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args
+from ar2dlm.model.open import MODEL_SPEC_HELP, open_for_decoding
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
+from ar2dlm.utils.files import check_output_file, write_json
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    model: str = field(metadata={"help": MODEL_SPEC_HELP})
+    prompt: str = field(metadata={"help": "prompt text"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn with the chat template"})
+    stream: bool = field(default=False, metadata={"help": "print the text as it is decoded"})
+    json_out: str | None = field(default=None, metadata={"help": "also write text and metrics here"})
+    decode: DecodeParams = field(default_factory=DecodeParams, metadata={"cli": False})
+
+    def __post_init__(self):
+        check_output_file(self.json_out, "--json-out")  # before the model loads, not after the answer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, GenerateConfig)
+    add_decode_args(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    return dataclass_from_args(GenerateConfig, args, decode=decode_params_from_args(args))
+
+
+def run(cfg: GenerateConfig) -> GenerationResult:
+    dlm, tokenizer, _ = open_for_decoding(cfg.model)
+    engine = Engine(dlm, tokenizer)
+    ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.chat)
+    if cfg.stream:
+        stream = engine.stream(ids, cfg.decode)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        result = stream.result
+    else:
+        result = engine.generate(ids, cfg.decode)
+        print(result.text)
+    print(f"[{result.summary()}]", file=sys.stderr)
+    if cfg.json_out:
+        write_json(cfg.json_out, {"prompt": cfg.prompt, "text": result.text, "tokens": len(result.tokens),
+                                  "nfe": result.nfe, "tpf": result.tpf, "tokens_per_s": result.tokens_per_s,
+                                  "ttft_s": result.ttft_s, "stop_reason": result.stop_reason})
+    return result
