@@ -29,27 +29,15 @@ nothing at all. None of this changes a logit that is used, so tokens and NFE sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.policies import Policy, Sampling
 
 if TYPE_CHECKING:
     from ar2dlm.engine.params import DecodeParams
-
-
-@dataclass
-class Plan:
-    fed_start: int  # first fed position (= first uncached slot, or 0 on a full-cache refresh)
-    fed_end: int  # end of the fed range: the end of the last block holding a needed logit, at least final_end
-    final_end: int  # fed blocks below this are complete at the input of this forward
-    logit_pos: list[int]  # positions whose logits this forward must return, ascending (all inside the fed range)
-
-    @property
-    def fed(self) -> int:
-        return self.fed_end - self.fed_start
 
 
 class BlockState:

@@ -125,14 +125,14 @@ class Engine:
         for req, _ in fwd.members:
             if req.t_start is None:
                 req.t_start = t0
-        logits = self.runner.forward(self.cache, fwd.row_start, [(r.blocks, p) for r, p in fwd.rows])
+        logits = self.runner.forward(self.cache, fwd.row_start, [(r.state, p) for r, p in fwd.rows])
         self.forwards += any(p is not None and p.fed for _, p in fwd.rows)
         now = time.perf_counter()
         outputs = []
         for (req, plan), row_logits in zip(fwd.rows, logits):
             if plan is None:
                 continue
-            old, new = req.blocks.apply(plan, row_logits, req.policy, req.sampling, req.generator)
+            old, new = req.state.apply(plan, row_logits, req.policy, req.sampling, req.generator)
             req.after_forward(old, new, now)
             outputs.append(req.output())
         for req, _ in fwd.members:

@@ -29,6 +29,8 @@ class DecodeParams:
         "help": "threshold: commit tokens whose confidence is above this (default 0.9); entropy: below this many "
                 "nats (default 0.5)"})
     steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
+    draft_len: int | None = field(default=None, metadata={
+        "help": "verify: drafts checked per forward (default: the model's block size - 1)"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -60,8 +62,10 @@ class DecodeParams:
             raise Ar2dlmError(f"unknown decoding policy {self.policy!r} (choose from {', '.join(POLICIES)})")
         self.make_policy()  # validates tau / k
         self.sampling()  # validates temperature / top_p / top_k
-        if self.block_parallel and self.policy == "ar":
-            raise Ar2dlmError("the ar policy decodes one token a forward; block-parallel needs threshold/entropy/steps")
+        if self.block_parallel and self.policy in ("ar", "verify"):
+            raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
+        if self.draft_len is not None and self.draft_len < 1:
+            raise Ar2dlmError(f"draft_len must be >= 1, got {self.draft_len}")
         for name in ("p_add", "activate_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise Ar2dlmError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -84,6 +88,8 @@ class DecodeParams:
             base = f"{self.policy}:{self.make_policy().tau:g}"
         elif self.policy == "steps":
             base = f"steps:{self.steps_per_forward}"
+        elif self.policy == "verify" and self.draft_len is not None:
+            base = f"verify:{self.draft_len}"
         else:
             base = self.policy
         return base + ("+bp" if self.block_parallel else "")
@@ -94,8 +100,8 @@ class DecodeParams:
     # --------------------------------------------------------------------------------------- from text/mappings
     @classmethod
     def from_spec(cls, text: str, **base) -> "DecodeParams":
-        """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`; a bare name takes the default
-        value; a `+bp` suffix turns on multi-block decoding. `base` gives the other fields."""
+        """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`, `verify:3` (drafts a forward);
+        a bare name takes the default value; a `+bp` suffix turns on multi-block decoding. `base` gives the other fields."""
         spec = text.strip()
         body, bp = (spec[:-3], True) if spec.endswith("+bp") else (spec, False)
         name, sep, value = body.partition(":")
@@ -109,6 +115,8 @@ class DecodeParams:
             raise Ar2dlmError(f"the ar policy takes no value, got {spec!r}")
         if name == "steps" and value:
             fields["steps_per_forward"] = _parse_value("steps_per_forward", value, f"steps:K in {spec!r}")
+        elif name == "verify" and value:
+            fields["draft_len"] = _parse_value("draft_len", value, f"verify:DRAFTS in {spec!r}")
         elif name in DEFAULT_TAU and value:
             fields["tau"] = _parse_value("tau", value, f"{name}:TAU in {spec!r}")
         return cls(**fields)

@@ -23,7 +23,7 @@ import torch
 
 from ar2dlm.errors import Ar2dlmError
 
-POLICIES = ("threshold", "entropy", "steps", "ar")
+POLICIES = ("threshold", "entropy", "steps", "ar", "verify")
 DEFAULT_TAU = {"threshold": 0.9, "entropy": 0.5}
 
 
@@ -58,7 +58,7 @@ class Proposal:
     entropy: torch.Tensor | None  # [N] entropy (nats) of the distribution it was taken from (None: not computed)
 
 
-def _filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     scaled = logits.float() / sampling.temperature
     if sampling.top_k and sampling.top_k < scaled.shape[-1]:
         kth = scaled.topk(sampling.top_k, dim=-1).values[..., -1:]
@@ -82,7 +82,7 @@ def propose(logits: torch.Tensor, sampling: Sampling = GREEDY, generator: torch.
         probs = logits.float().softmax(-1)
         conf, tok = probs.max(-1)
     else:
-        probs = _filtered_probs(logits, sampling)
+        probs = filtered_probs(logits, sampling)
         tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
         conf = probs.gather(-1, tok[:, None])[:, 0]
     return Proposal(tok, conf, torch.special.entr(probs).sum(-1) if entropy else None)
@@ -187,7 +187,7 @@ class StepsPolicy(Policy):
         return _only(n, order, prop.confidence.device)
 
 
-def make_policy(name: str, tau: float | None = None, k: int = 2) -> Policy:
+def make_policy(name: str, tau: float | None = None, k: int = 2):
     """Build a policy by name; `tau` defaults per policy (threshold 0.9, entropy 0.5 nats); `k` is for `steps`."""
     if name == "threshold":
         return ThresholdPolicy(DEFAULT_TAU[name] if tau is None else tau)
@@ -197,4 +197,8 @@ def make_policy(name: str, tau: float | None = None, k: int = 2) -> Policy:
         return StepsPolicy(k)
     if name == "ar":
         return ArPolicy()
+    if name == "verify":  # draft-and-verify has its own sequence state (verify.py), not a select() rule
+        from ar2dlm.engine.verify import VerifyPolicy
+
+        return VerifyPolicy()
     raise Ar2dlmError(f"unknown decoding policy {name!r} (choose from {', '.join(POLICIES)})")

@@ -1,4 +1,5 @@
-"""A request: one sequence from admission to its result. It owns its block state, its sampling generator, its stop
+"""A request: one sequence from admission to its result. It owns its sequence state (`BlockState` for the block
+diffusion policies, `VerifyState` for draft-and-verify), its sampling generator, its stop
 state and its timing; the scheduler moves it from waiting to running to finished."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from ar2dlm.engine.blocks import BlockState
 from ar2dlm.engine.output import Detokenizer, GenerationResult
 from ar2dlm.engine.params import DecodeParams
+from ar2dlm.engine.verify import VerifyState
 
 
 class Status(enum.Enum):
@@ -37,8 +39,13 @@ class Request:
         self.request_id = request_id
         self.params = params
         self.policy, self.sampling = params.make_policy(), params.sampling()
-        self.blocks = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
-                                 model_config.token_shift, params, self.policy.leftmost_only)
+        if params.policy == "verify":
+            draft_len = params.draft_len or max(1, model_config.block_size - 1)
+            self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
+                                     model_config.token_shift)
+        else:
+            self.state = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
+                                    model_config.token_shift, params, self.policy.leftmost_only)
         self.generator = None
         if not self.sampling.greedy:  # its own generator: the same tokens alone or in any batch
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -56,7 +63,7 @@ class Request:
 
     @property
     def prompt_len(self) -> int:
-        return self.blocks.prompt_len
+        return self.state.prompt_len
 
     @property
     def finished(self) -> bool:
@@ -65,7 +72,7 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         """Generated tokens: the kept ones once finished, the decoded prefix before."""
-        b = self.blocks
+        b = self.state
         n = self.n_tokens if self.n_tokens is not None else b.decoded - b.prompt_len
         return b.toks[b.prompt_len:b.prompt_len + n]
 
@@ -74,7 +81,7 @@ class Request:
         """The decoded prefix grew from `old` to `new` (absolute positions): look for stops in what became final."""
         if new > old and self.t_first is None:
             self.t_first = now
-        b = self.blocks
+        b = self.state
         p0 = b.prompt_len
         eos_at = next((p + 1 for p in range(old, new) if b.toks[p] in self.stop_ids), None)
         hi = eos_at or new
@@ -88,7 +95,7 @@ class Request:
 
     def finish(self, n_tokens: int, reason: str, now: float) -> None:
         self.status, self.n_tokens, self.stop_reason, self.t_end = Status.FINISHED, n_tokens, reason, now
-        self.blocks.release()
+        self.state.release()
 
     def output(self) -> RequestOutput:
         """The stream delta and new tokens since the last output; the result when finished."""
@@ -102,5 +109,5 @@ class Request:
         start = self.t_start if self.t_start is not None else self.t_arrival
         end = self.t_end if self.t_end is not None else time.perf_counter()
         ttft = None if self.t_first is None else self.t_first - start
-        return GenerationResult(self.tokens, self.detok.final_text(self.tokens), self.blocks.nfe, end - start, ttft,
+        return GenerationResult(self.tokens, self.detok.final_text(self.tokens), self.state.nfe, end - start, ttft,
                                 self.stop_reason or "running", self.prompt_len, start - self.t_arrival)

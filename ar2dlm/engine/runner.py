@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ar2dlm.engine.blocks import BlockState, Plan
+from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.kv_cache import KVCachePool
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
@@ -33,7 +33,6 @@ class ModelRunner:
         self.dlm = dlm.eval()
         self.block_size = dlm.config.block_size
         self.mask_id = dlm.config.mask_token_id
-        self._slot_block = torch.zeros(0, dtype=torch.long)  # the block of every slot, see _blocks_of_slots
         self._head_t_cache: torch.Tensor | None = None  # see _head_t
         self._head_t_key = None
 
@@ -42,8 +41,9 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, cache: KVCachePool, row_start: int,
-                rows: Sequence[tuple[BlockState, Plan | None]]) -> list[torch.Tensor | None]:
-        """One forward over cache rows [row_start, row_start + len(rows)); a row's plan may be None (it only pads).
+                rows: Sequence[tuple[object, Plan | None]]) -> list[torch.Tensor | None]:
+        """One forward over cache rows [row_start, row_start + len(rows)); each row is (sequence state, plan), the
+        state giving `toks` (its token ids by position) and `cached`; a plan may be None (the row only pads).
         Returns per row the logits of its plan's `logit_pos` ([N, V]), or None where it reads none."""
         fed = [p if p is not None and p.fed else None for _, p in rows]
         if not any(fed):
@@ -58,40 +58,46 @@ class ModelRunner:
         return self._pick_logits(out.last_hidden_state, fed)
 
     # ------------------------------------------------------------------------------------------ inputs
-    def _blocks_of_slots(self, length: int) -> torch.Tensor:
-        if self._slot_block.shape[0] < length or self._slot_block.device != self.dlm.device:
-            size = max(length, 2 * self._slot_block.shape[0])
-            self._slot_block = torch.arange(size, device=self.dlm.device) // self.block_size
-        return self._slot_block
+    def _ids(self, state, plan: Plan) -> list[int]:
+        return plan.ids if plan.ids is not None else state.toks[plan.fed_start:plan.fed_end]
 
-    def _single(self, blocks: BlockState, plan: Plan):
+    def _groups(self, plan: Plan) -> torch.Tensor:
+        if plan.groups is not None:
+            return torch.tensor(plan.groups, device=self.dlm.device)
+        return torch.arange(plan.fed_start, plan.fed_end, device=self.dlm.device) // self.block_size
+
+    def _single(self, state, plan: Plan):
         """One sequence: no padding, the fed range is contiguous."""
         dev, lo, hi = self.dlm.device, plan.fed_start, plan.fed_end
-        blk = self._blocks_of_slots(hi)
-        ids = torch.tensor([blocks.toks[lo:hi]], device=dev)
+        ids = torch.tensor([self._ids(state, plan)], device=dev)
         pos = torch.arange(lo, hi, device=dev)[None]
-        mask = (blk[None, :hi] <= blk[lo:hi, None])[None, None]
-        return ids, pos, mask, hi
+        group = self._groups(plan)
+        fed_visible = group[None, :] <= group[:, None]
+        mask = torch.cat([torch.ones(hi - lo, lo, dtype=torch.bool, device=dev), fed_visible], dim=1)
+        return ids, pos, mask[None, None], hi
 
     def _padded(self, rows, fed):
+        """Rows padded to the longest fed range with dummy queries at slot `pad` (see the module docstring)."""
         dev = self.dlm.device
         q = max(p.fed for p in fed if p is not None)
-        pad = max([p.fed_end for p in fed if p is not None] + [b.cached for b, _ in rows])
+        pad = max([p.fed_end for p in fed if p is not None] + [state.cached for state, _ in rows])
         kv_len = pad + 1
-        id_rows, pos_rows, ends = [], [], []
-        for (blocks, _), p in zip(rows, fed):
-            lo, hi = (p.fed_start, p.fed_end) if p is not None else (0, 0)
-            id_rows.append(blocks.toks[lo:hi] + [self.mask_id] * (q - hi + lo))
-            pos_rows.append(list(range(lo, hi)) + [pad] * (q - hi + lo))
-            ends.append(hi)
+        masks, id_rows, pos_rows = [], [], []
+        key = torch.arange(kv_len, device=dev)
+        for (state, _), p in zip(rows, fed):
+            n = p.fed if p is not None else 0
+            mask = (key == pad).expand(q, kv_len).clone()  # dummy queries read their own slot only
+            if p is not None:
+                group = torch.full((kv_len,), -1, dtype=torch.long, device=dev)  # cached slots: seen by all
+                group[p.fed_start:p.fed_end] = self._groups(p)
+                group[p.fed_end:] = torch.iinfo(torch.long).max  # past the fed range: seen by none
+                mask[:n] = group[None, :] <= group[p.fed_start:p.fed_end, None]
+            masks.append(mask)
+            id_rows.append((self._ids(state, p) if p is not None else []) + [self.mask_id] * (q - n))
+            pos_rows.append((list(range(p.fed_start, p.fed_end)) if p is not None else []) + [pad] * (q - n))
         ids = torch.tensor(id_rows, device=dev)
         pos = torch.tensor(pos_rows, device=dev)
-        blk = self._blocks_of_slots(kv_len)
-        key = torch.arange(kv_len, device=dev)
-        visible = (blk[None, None, :kv_len] <= blk[pos][..., None]) \
-            & (key < torch.tensor(ends, device=dev)[:, None, None])
-        mask = torch.where((pos < pad)[..., None], visible, key == pad)[:, None]
-        return ids, pos, mask, kv_len
+        return ids, pos, torch.stack(masks)[:, None], kv_len
 
     # ------------------------------------------------------------------------------------------ outputs
     def _pick_logits(self, hidden: torch.Tensor, fed: list[Plan | None]) -> list[torch.Tensor | None]:

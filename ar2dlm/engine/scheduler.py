@@ -69,7 +69,7 @@ class Scheduler:
             req = self.waiting.popleft()
             req.row = self.cache.allocate()
             req.status = Status.RUNNING
-            self.cache.reserve(req.blocks.limit + 1)  # + the slot dummy queries may use
+            self.cache.reserve(req.state.limit + 1)  # + the slot dummy queries may use
             self.running.append(req)
 
     def retire(self, request: Request) -> None:
@@ -81,7 +81,7 @@ class Scheduler:
             return
         row, last = request.row, self.running[-1]
         # Slots from a request's first uncached one on are rewritten before they are read: copy only the cached.
-        moved = self.cache.free(row, last.blocks.cached)
+        moved = self.cache.free(row, last.state.cached)
         if moved is not None:
             self.running[row] = last
             last.row = row
@@ -90,8 +90,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ planning
     def schedule(self) -> ScheduledForward | None:
-        new = [r for r in self.running if r.blocks.nfe == 0]
-        old = [r for r in self.running if r.blocks.nfe > 0]
+        new = [r for r in self.running if r.state.nfe == 0]
+        old = [r for r in self.running if r.state.nfe > 0]
         if new and (not old or not self._last_prefill):
             chosen, prefill = self._prefill_group(new), True
         elif old:
@@ -99,7 +99,7 @@ class Scheduler:
         else:
             return None
         self._last_prefill = prefill
-        plans = {id(r): r.blocks.plan() for r in chosen}
+        plans = {id(r): r.state.plan() for r in chosen}
         lo = min(r.row for r in chosen)
         hi = max(r.row for r in chosen) + 1
         rows = [(r, plans.get(id(r))) for r in self.running[lo:hi]]
@@ -109,7 +109,7 @@ class Scheduler:
         """New requests in arrival order while rows x longest fed range stays within the budget."""
         group, widest = [], 0
         for req in sorted(new, key=lambda r: r.t_arrival):
-            width = max(widest, req.blocks.plan().fed)
+            width = max(widest, req.state.plan().fed)
             if group and width * (len(group) + 1) > self.limits.max_fed_tokens:
                 break
             group.append(req)

@@ -1,0 +1,145 @@
+"""The verify policy: output identical to the AR model's own greedy decoding, alone, batched, streamed and with
+requests joining mid-way; speculative sampling keeps the AR model's distribution (tiny models)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from ar2dlm.engine import DecodeParams, Engine
+from ar2dlm.engine.policies import Sampling
+from ar2dlm.engine.verify import VerifyPolicy
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
+from ar2dlm.testing import tiny_model, tiny_tokenizer
+
+PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = tiny_tokenizer()
+    add_mask_token(tiny_model("llama", vocab_size=len(t)), t)
+    return t
+
+
+def _hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def parent_and_dlm(tok):
+    parent = tiny_model("llama", seed=3, vocab_size=len(tok)).eval()
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4).eval()
+    return parent, dlm
+
+
+@pytest.mark.parametrize("draft_len", [None, 1, 5])
+def test_greedy_verify_equals_hf_generate(tok, parent_and_dlm, draft_len):
+    parent, dlm = parent_and_dlm
+    engine = Engine(dlm, tok)
+    params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=17, stop_token_ids=())
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        res = engine.generate(ids, params)
+        assert res.tokens == _hf_greedy(parent, ids, 17), prompt
+        assert 1 <= res.nfe <= 17
+
+
+@pytest.mark.parametrize("wrong_at", [None, 0, 2])
+def test_oracle_drafts_are_accepted_and_wrong_ones_corrected(tok, parent_and_dlm, wrong_at):
+    """Drafts replaced between steps by the true continuation (a perfect drafter): every forward commits
+    draft_len + 1 tokens. With one draft wrong, the forward commits the drafts before it plus the correction. The
+    output is the AR model's either way."""
+    parent, dlm = parent_and_dlm
+    ids = tok(PROMPTS[0])["input_ids"]
+    truth = _hf_greedy(parent, ids, 24)
+    engine = Engine(dlm, tok)
+    rid = engine.add_request(ids, DecodeParams(policy="verify", draft_len=3, max_new_tokens=24, stop_token_ids=()))
+    req = engine.requests[rid]
+    commits = []
+    while engine.has_unfinished():
+        state = req.state
+        done = len(state.toks) - len(ids)
+        if state.nfe:  # after the first forward: a perfect (or once-wrong) drafter
+            drafts = truth[done:done + 3]
+            if wrong_at is not None and len(drafts) > wrong_at:
+                drafts[wrong_at] = (drafts[wrong_at] + 1) % 50
+            state.drafts = drafts
+        engine.step()
+        commits.append(len(req.state.toks) - len(ids) - done if not req.finished else None)
+    assert req.tokens == truth
+    full = [c for c in commits[1:-1] if c is not None]
+    if wrong_at is None:
+        assert full and all(c == 4 for c in full)  # 3 drafts + the AR model's token
+    else:
+        assert full and all(c == wrong_at + 1 for c in full)
+
+
+def test_verify_batched_streamed_and_joining_mid_way(tok, parent_and_dlm):
+    parent, dlm = parent_and_dlm
+    params = DecodeParams(policy="verify", max_new_tokens=15, stop_token_ids=())
+    expected = [_hf_greedy(parent, tok(p)["input_ids"], 15) for p in PROMPTS]
+    engine = Engine(dlm, tok, max_running=2)
+    assert [r.tokens for r in engine.generate_batch(PROMPTS, params)] == expected
+    mixed = Engine(dlm, tok, max_running=3)  # verify rows beside block-diffusion rows, added over time
+    other = DecodeParams(tau=0.5, max_new_tokens=9, stop_token_ids=())
+    results = {}
+    for i, prompt in enumerate(PROMPTS):
+        mixed.add_request(prompt, params, request_id=f"v{i}")
+        mixed.add_request(prompt, other, request_id=f"t{i}")
+        results.update({o.request_id: o.result for o in mixed.step() if o.finished})
+    while mixed.has_unfinished():
+        results.update({o.request_id: o.result for o in mixed.step() if o.finished})
+    assert [results[f"v{i}"].tokens for i in range(len(PROMPTS))] == expected
+    stream = Engine(dlm, tok).stream(PROMPTS[0], params.replace(max_new_tokens=15))
+    text = "".join(stream)
+    assert text == stream.result.text and stream.result.tokens == expected[0]
+
+
+def test_verify_stops_and_limits(tok, parent_and_dlm):
+    parent, dlm = parent_and_dlm
+    ids = tok(PROMPTS[1])["input_ids"]
+    free = _hf_greedy(parent, ids, 12)
+    stop = free[5]
+    res = Engine(dlm, tok).generate(ids, DecodeParams(policy="verify", max_new_tokens=12, stop_token_ids=(stop,)))
+    assert res.tokens == free[:free.index(stop) + 1] and res.stop_reason == "eos"
+    for n in (1, 2, 3):
+        assert Engine(dlm, tok).generate(ids, policy="verify", max_new_tokens=n, stop_token_ids=()).tokens == free[:n]
+
+
+def test_verify_needs_token_shift(tok):
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4,
+                                     token_shift=False).eval()
+    with pytest.raises(Ar2dlmError, match="token shift"):
+        Engine(dlm, tok).generate(PROMPTS[0], policy="verify", max_new_tokens=4)
+    with pytest.raises(Ar2dlmError):
+        DecodeParams(policy="verify", block_parallel=True)
+    with pytest.raises(Ar2dlmError):
+        DecodeParams(policy="verify", draft_len=0)
+    assert DecodeParams.from_spec("verify:3").draft_len == 3 and DecodeParams.from_spec("verify:3").label == "verify:3"
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """On a 5-token vocabulary: drafts from a distribution q, verified against p; the first committed token must be
+    distributed as p (chi-square test), whatever q is, and the acceptance rate must be sum(min(p, q))."""
+    torch.manual_seed(0)
+    p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([[0.05, 0.05, 0.6, 0.2, 0.1]])
+    policy, sampling = VerifyPolicy(), Sampling(temperature=1.0)
+    gen = torch.Generator().manual_seed(1)
+    counts, accepted, n = Counter(), 0, 20000
+    for _ in range(n):
+        draft = int(torch.multinomial(q[0], 1, generator=gen))
+        a, token = policy.accept([draft], q, p_logits, sampling, gen)
+        accepted += a
+        counts[draft if a else token] += 1
+    p = p_logits[0].softmax(-1)
+    chi2 = sum((counts[i] - n * p[i].item()) ** 2 / (n * p[i].item()) for i in range(5))
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+    assert math.isclose(accepted / n, torch.minimum(p, q[0]).sum().item(), abs_tol=0.015)

@@ -1,0 +1,132 @@
+"""The lossless `verify` policy: the model's mask positions draft, its clean positions verify, in the same forward.
+
+A sequence keeps its committed tokens (the prompt and everything accepted) and a list of drafts for the positions
+after them. One forward feeds, at consecutive positions:
+
+* clean, token-causal: the last committed token (the one not in the cache yet) and the drafts. Their logits are the
+  AR model's own next-token logits: with a gated drafter (`ar2dlm.model.drafter`) clean positions run the unchanged
+  parent, bit for bit; with a full dLM they are that model's AR head, *not* its parent;
+* `draft_len + 1` mask tokens right after them, which see the clean positions and each other. With token shift the
+  last clean position predicts the first mask position's token (the AR model's own next token) and every mask
+  position predicts the one after it; the last mask's prediction is not read (a drafter trained on blocks of B masks
+  drafts B - 1 tokens after the AR model's own one, so `draft_len` defaults to the block size - 1).
+
+The clean logits check the drafts: the longest prefix of drafts equal to the AR model's choice is accepted, plus
+the AR model's token after it (the correction, or a bonus when all drafts were right), so each forward commits
+between 1 and drafts + 1 tokens and the output is exactly the AR model's. When every draft was accepted, the mask
+predictions (which were conditioned on those same drafts) become the next drafts; otherwise the next forward has
+none and only drafts. Cache slots of rejected drafts and of the mask positions are simply rewritten by the next
+forward (the cache counts as valid up to the last committed token only).
+
+Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
+probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
+rejection sample from max(0, p - q) normalised; the committed tokens are then distributed exactly as the AR model's
+own samples (Leviathan et al., 2023; Chen et al., 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ar2dlm.engine.plan import Plan
+from ar2dlm.engine.policies import Sampling, filtered_probs
+from ar2dlm.errors import Ar2dlmError
+
+
+class VerifyState:
+    """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
+
+    def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool):
+        if not token_shift:
+            raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
+                              "next token, as an AR model does)")
+        if draft_len < 1:
+            raise Ar2dlmError(f"draft length must be >= 1, got {draft_len}")
+        self.prompt_len = len(prompt_ids)
+        self.limit = self.prompt_len + max_new_tokens
+        self.draft_len, self.mask_id = draft_len, mask_id
+        self.toks = list(prompt_ids)  # committed tokens; toks[-1] is not in the cache yet
+        self.drafts: list[int] = []
+        self.draft_probs: torch.Tensor | None = None  # [len(drafts), V] distributions the drafts were sampled from
+        self.cached = 0
+        self.nfe = 0
+        self.accepted_drafts = 0  # drafts accepted over the whole sequence (for acceptance statistics)
+        self.offered_drafts = 0
+
+    @property
+    def decoded(self) -> int:
+        return len(self.toks)
+
+    def _fed_drafts(self) -> list[int]:
+        """The drafts this forward checks: none that would land at or past the length limit."""
+        return self.drafts[:max(self.limit - len(self.toks) - 1, 0)]
+
+    def plan(self) -> Plan:
+        """Feed [uncached committed | drafts | masks]; read the logits of every clean position from the last
+        committed token on, and of the mask positions that draft a position before the length limit."""
+        n, drafts = len(self.toks), self._fed_drafts()
+        start, clean_end = self.cached, n + len(drafts)
+        # clean_end takes the AR model's token after the drafts; masks there and after it draft the positions past
+        # it: `new_drafts` rows are read, one more mask is fed so the block is as long as in training
+        new_drafts = min(self.draft_len, self.limit - clean_end - 1)
+        masks = new_drafts + 1 if new_drafts > 0 else 0
+        ids = self.toks[start:] + drafts + [self.mask_id] * masks
+        groups = list(range(start, clean_end)) + [clean_end] * masks
+        logit_pos = list(range(n - 1, clean_end)) + list(range(clean_end, clean_end + max(new_drafts, 0)))
+        return Plan(start, clean_end + masks, start, logit_pos, ids=ids, groups=groups)
+
+    def apply(self, plan: Plan, logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
+              generator: torch.Generator | None) -> tuple[int, int]:
+        """Accept drafts against the clean logits (rows 0 .. len(drafts)), take the next drafts from the mask rows;
+        returns the committed length before and after."""
+        self.nfe += 1
+        drafts, old = self._fed_drafts(), len(self.toks)
+        q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
+        accepted, token = policy.accept(drafts, q, logits[:len(drafts) + 1], sampling, generator)
+        self.offered_drafts += len(drafts)
+        self.accepted_drafts += accepted
+        self.toks += drafts[:accepted] + [token]
+        self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
+        if accepted == len(drafts) and logits.shape[0] > len(drafts) + 1:
+            self.drafts, self.draft_probs = policy.draft(logits[len(drafts) + 1:], sampling, generator)
+        else:
+            self.drafts, self.draft_probs = [], None
+        return old, len(self.toks)
+
+    def release(self) -> None:
+        self.drafts, self.draft_probs = [], None
+
+
+class VerifyPolicy:
+    """Acceptance and drafting rules of the verify policy (see the module docstring)."""
+
+    name = "verify"
+    leftmost_only = False
+
+    def accept(self, drafts: list[int], draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
+               sampling: Sampling, generator: torch.Generator | None) -> tuple[int, int]:
+        """(number of drafts accepted, the AR model's token after them) for target logits [len(drafts) + 1, V]."""
+        if sampling.greedy:
+            choice = target_logits.argmax(-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+                accepted += 1
+            return accepted, choice[accepted]
+        p = filtered_probs(target_logits, sampling)
+        for i, x in enumerate(drafts):
+            ratio = p[i, x] / draft_probs[i, x].clamp_min(1e-30)
+            if torch.rand((), generator=generator, device=p.device) < ratio.clamp(max=1.0):
+                continue
+            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
+            total = residual.sum()
+            dist = residual / total if total > 0 else p[i]
+            return i, int(torch.multinomial(dist, 1, generator=generator))
+        return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+
+    def draft(self, mask_logits: torch.Tensor, sampling: Sampling,
+              generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts from the mask positions' logits [D, V]: greedy argmax, or sampled with their distributions."""
+        if sampling.greedy:
+            return mask_logits.argmax(-1).tolist(), None
+        q = filtered_probs(mask_logits, sampling)
+        return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
