@@ -2,6 +2,9 @@
 
 One path for the data: records -> examples (tokens + which are maskable) -> padded batches -> noised batches
 ([noisy | clean] layout) -> summed masked-token cross-entropy -> per-token mean over the global batch.
+
+With --drafter the same job trains a gated drafter instead (training/drafter_job.py): the parent stays frozen and
+exact, the loss is the drafter objective's, and the held-out check adds the drafts a verify decoder would accept.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import cache_dir, load_base, resolve_model_source
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig
+from ar2dlm.training.drafter_eval import DrafterTrainer
+from ar2dlm.training.drafter_job import drafter_heldout, drafter_micro, drafter_summary, prepare_drafter
+from ar2dlm.training.drafter_objective import DrafterObjective
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.metrics import plot_loss
 from ar2dlm.training.optim import build_optimizer
@@ -101,11 +107,16 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     check_run_folder(cfg)
     torch.manual_seed(cfg.seed)
     backbone, tokenizer = load_base(cfg.model, dtype=torch.float32)
-    dlm = prepare_dlm(cfg, device, backbone, tokenizer)
-    objective = DiffusionObjective(dlm)
+    if cfg.drafter:
+        dlm = prepare_drafter(cfg, device, backbone, tokenizer)
+        objective = DrafterObjective(dlm, cfg.drafter_target)
+    else:
+        dlm = prepare_dlm(cfg, device, backbone, tokenizer)
+        objective = DiffusionObjective(dlm)
     model = distributed.wrap(objective, info, device, cfg.fsdp, decoder_layers=dlm.backbone.get_decoder().layers)
-    trainer = Trainer(cfg, info=info, device=device, objective=objective, model=model, out=out, desc="convert",
-                      optimizer=build_optimizer(objective, cfg.lr, cfg.weight_decay))
+    trainer = (DrafterTrainer if cfg.drafter else Trainer)(
+        cfg, info=info, device=device, objective=objective, model=model, out=out, desc="convert",
+        optimizer=build_optimizer(objective, cfg.lr, cfg.weight_decay))
 
     examples = prepare_examples(cfg, backbone, tokenizer, info)
     train_ex, heldout_ex = split_heldout(examples, cfg.heldout, seed=cfg.seed)
@@ -115,7 +126,10 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
     noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     masking = MaskingConfig(strategy=cfg.masking, eps=cfg.mask_eps, half_life=cfg.half_life,
                             complementary=cfg.complementary)
-    if heldout_ex:
+    if heldout_ex and cfg.drafter:
+        trainer.heldout, trainer.probes = drafter_heldout(dlm, iter_batches(heldout_ex, cfg.batch_size, pad_id), cfg,
+                                                          device)
+    elif heldout_ex:
         trainer.heldout = [b.to(device) for b in noised_heldout(heldout_ex, cfg, dlm.config.mask_token_id, pad_id)]
     if info.is_main:
         write_json(out / "config.json", asdict(cfg))
@@ -125,13 +139,17 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
         noise_gen.set_state(s["noise_rng"])
 
     batches = iter(batcher)
-    after = trainer.run(next_micro=lambda fraction: _noise(next(batches), cfg, dlm.config.mask_token_id, masking,
-                                                           noise_gen),
+    micro = drafter_micro if cfg.drafter else _noise
+    after = trainer.run(next_micro=lambda fraction: micro(next(batches), cfg, dlm.config.mask_token_id, masking,
+                                                          noise_gen),
                         data_state=lambda: {"batcher": batcher.state_dict(), "noise_rng": noise_gen.get_state()},
                         load_data_state=load_data_state)
     final = _unsharded(cfg, objective, tokenizer) if (cfg.fsdp and info.enabled) else dlm
-    summary = finish_run(cfg, trainer, after, final, tokenizer, title=f"{Path(cfg.model).name} -> dLM "
+    kind = "drafter" if cfg.drafter else "dLM"
+    summary = finish_run(cfg, trainer, after, final, tokenizer, title=f"{Path(cfg.model).name} -> {kind} "
                                                                       f"(B={cfg.block_size})")
+    if cfg.drafter:
+        summary["drafter"] = drafter_summary(cfg, trainer.state["before"], after)
     if info.is_main:
         summary["samples"] = fill_in_samples(final, tokenizer, trainer.heldout[:1], n=3)
         write_json(out / "summary.json", summary)

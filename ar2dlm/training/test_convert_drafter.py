@@ -1,0 +1,121 @@
+"""`ar2dlm convert --drafter` end to end on a tiny model: outputs, the draft acceptance summary, the parent intact
+after training, and exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.drafter import DRAFTER_WEIGHTS_FILE, GatedDrafterLM
+from ar2dlm.model.loading import load_base
+from ar2dlm.testing import tiny_base
+from ar2dlm.training.config import ConvertConfig
+from ar2dlm.training.convert import convert
+
+ANSWERS = ["The sky is blue on a clear day.", "Two plus two is four.", "0 1 2 3 4 5 6 7 8 9",
+           "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drafter")
+    data = root / "qa.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"question": f"Question {i % 5}?", "answer": ANSWERS[i % len(ANSWERS)]}) + "\n")
+    return tiny_base(root), data, root
+
+
+def args(base, data, out, steps, extra=()):
+    return ["convert", "--drafter", "--model", str(base), "--data", str(data), "--output", str(out), "--seq-len",
+            "48", "--batch-size", "4", "--heldout", "8", "--max-steps", str(steps), "--warmup-steps", "2", "--lr",
+            "3e-3", "--save-every", "2", "--device", "cpu", *extra]
+
+
+def cli(argv, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ar2dlm", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_drafter_conversion_end_to_end(setup):
+    base, data, root = setup
+    out = root / "run"
+    cfg = ConvertConfig(drafter=True, model=str(base), data=str(data), output=str(out), seq_len=48, batch_size=4,
+                        heldout=8, max_steps=12, warmup_steps=2, lr=1e-2, save_every=6, device="cpu")
+    assert cfg.lora_rank == 32  # --drafter implies an adapter
+    summary = convert(cfg)
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    assert after["heldout_loss"] < before["heldout_loss"], (before, after)
+    drafter = summary["drafter"]
+    assert drafter["target"] == "argmax" and drafter["anchors"] > 0
+    assert len(drafter["after"]["draft_acc"]) == 3 and 1.0 <= drafter["after"]["tokens_per_verify_step"] <= 4.0
+    assert json.loads((out / "summary.json").read_text())["drafter"] == drafter
+    assert summary["dlm"]["drafter"] and summary["dlm"]["clean_attention"] == "token_causal"
+    assert {p.name for p in (out / "model").glob("*.safetensors")} == {DRAFTER_WEIGHTS_FILE}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert "heldout_draft_acc_1" in rows[0] and "heldout_draft_accepted" in rows[-1]
+
+    # the trained adapter changed, and the clean positions are still the parent's, exactly
+    model, _ = BlockDiffusionLM.from_pretrained(out / "model")
+    assert isinstance(model, GatedDrafterLM)
+    assert any(v.abs().sum() > 0 for k, v in load_file(out / "model" / DRAFTER_WEIGHTS_FILE).items()
+               if k.endswith("lora_B"))
+    parent, tok = load_base(str(base))
+    vocab, mask_id = parent.config.vocab_size, model.config.mask_token_id
+    prompt = tok("Question 3?", return_tensors="pt").input_ids
+    fed = torch.cat([prompt, torch.full((1, 4), mask_id)], dim=1)
+    n, total = prompt.shape[1], fed.shape[1]
+    q, kv = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    mask = ((kv <= q) | (q >= n))[None, None]
+    with torch.no_grad():
+        logits, _ = model.eval()(fed, attention_mask=mask)
+        ref = parent(torch.where(fed == mask_id, 0, fed), attention_mask=mask).logits
+    assert torch.equal(logits[:, :n, :vocab], ref[:, :n])
+
+
+def test_drafter_settings_are_checked():
+    with pytest.raises(Ar2dlmError, match="token-shift"):
+        ConvertConfig(drafter=True, token_shift=False)
+    with pytest.raises(Ar2dlmError, match="fsdp"):
+        ConvertConfig(drafter=True, fsdp=True)
+    with pytest.raises(Ar2dlmError, match="drafter-target"):
+        ConvertConfig(drafter=True, drafter_target="logits")
+    assert ConvertConfig(drafter=True, lora_rank=8).lora_rank == 8
+
+
+def adapter(folder: Path) -> dict:
+    return load_file(folder / DRAFTER_WEIGHTS_FILE)
+
+
+def test_killed_drafter_run_resumes_exactly(setup):
+    base, data, root = setup
+    extra = ["--drafter-target", "distribution", "--drafter-masking", "schedule"]  # the noise RNG must resume too
+    straight = root / "straight"
+    res = cli(args(base, data, straight, 6, extra))
+    assert res.returncode == 0, res.stderr[-2000:]
+    killed = root / "killed"
+    res = cli(args(base, data, killed, 6, extra), env_extra={"AR2DLM_FAULT_AT_STEP": "3"})
+    assert res.returncode != 0 and not (killed / "model").exists()
+    res = cli(args(base, data, killed, 6, [*extra, "--resume"]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = adapter(straight / "model"), adapter(killed / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight, killed)]
+    assert summaries[0]["heldout_before"] == summaries[1]["heldout_before"]  # kept in the checkpoint
+    assert summaries[0]["drafter"]["target"] == "distribution"
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 7))
