@@ -1,8 +1,10 @@
-"""Training throughput: a dLM conversion step vs a plain AR fine-tuning step of the same model, batch and length.
+"""Training throughput: conversion steps vs a plain AR fine-tuning step of the same model, batch and length.
 
-Both steps are timed in alternation in one process (AR, dLM, AR, dLM, ...) so that machine noise hits both alike,
-and the ratio is printed with the raw numbers. The dLM step runs the 2L [noisy | clean] layout, so about twice the
-tokens pass through the network; the target is a ratio of at most 2.5.
+The steps are timed in alternation in one process (AR, dLM, LoRA, drafter, AR, ...) so that machine noise hits all
+alike, and the ratios to the AR step are printed with the raw numbers. The full and LoRA dLM steps run the 2L
+[noisy | clean] layout with gradients, so about twice the tokens pass through the network (target: a full dLM step
+at most 2.5x an AR step). The gated drafter's step runs the clean half once without gradients and back-propagates
+through the noisy half only (training/drafter_objective.py), with every block fully masked, as `convert --drafter`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch.nn.functional as F
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.drafter import GatedDrafterLM
 from ar2dlm.model.loading import load_base
+from ar2dlm.training.drafter_objective import DrafterObjective, drafter_scored, full_blocks
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -28,6 +32,8 @@ from ar2dlm.utils.files import check_output_file, write_json
 
 # Dense bf16 peak FLOP/s of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+METHODS = {"ar": "AR fine-tuning", "dlm": "dLM conversion", "lora": "dLM LoRA conversion",
+           "drafter": "gated drafter"}
 
 
 @dataclass
@@ -39,15 +45,28 @@ class TrainBenchConfig:
     steps: int = field(default=6, metadata={"help": "timed steps per method"})
     warmup: int = field(default=2, metadata={"help": "untimed steps per method first"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    methods: str = field(default="ar,dlm,lora,drafter", metadata={
+        "help": "steps to time, comma-separated: ar (AR fine-tuning), dlm (full dLM conversion), lora (LoRA dLM "
+                "conversion), drafter (gated drafter, convert --drafter)"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank of the lora and drafter steps"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2 * self.block_size or self.steps < 1 or self.warmup < 0:
             raise Ar2dlmError("need batch-size >= 1, seq-len >= 2 * block-size, steps >= 1, warmup >= 0")
+        unknown = [m for m in self.method_list if m not in METHODS]
+        if unknown or not self.method_list:
+            raise Ar2dlmError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {self.methods!r}")
+        if self.lora_rank < 1:
+            raise Ar2dlmError("--lora-rank must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise Ar2dlmError(f"--device must be cpu, cuda or auto, got {self.device!r}")
         check_output_file(self.json_out, "--json-out")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,47 +86,93 @@ def _param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _optimizer_step(loss_fn, optimizer):
+    """One optimizer step on `loss_fn()`'s loss: the unit every method is timed by."""
+
+    def step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _ar_step(model, ids, autocast):
+    def loss():
+        with autocast:
+            logits = model(ids).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    return _optimizer_step(loss, build_optimizer(model, 1e-6, 0.0))
+
+
+def _dlm_step(cfg, dlm, ids, autocast, device):
+    """A dLM conversion step (full or LoRA, as `dlm` was built) with position-dependent masking."""
+    objective, gen = DiffusionObjective(dlm), torch.Generator().manual_seed(0)
+    maskable = scorable(torch.ones_like(ids, dtype=torch.bool), True).cpu()
+
+    def loss():
+        nb = noise_batch(ids.cpu(), maskable, cfg.block_size, dlm.config.mask_token_id,
+                         MaskingConfig(strategy="position"), generator=gen)
+        with autocast:
+            ce, _ = objective(nb.noisy_ids.to(device), nb.clean_ids.to(device), nb.masked.to(device))
+            return ce / nb.masked.sum().clamp(min=1).to(device)
+
+    return _optimizer_step(loss, build_optimizer(objective, 1e-6, 0.0))
+
+
+def _drafter_step(cfg, drafter, ids, autocast):
+    """A gated drafter step as `convert --drafter` takes it: fully masked blocks, the parent's argmax as target."""
+    objective = DrafterObjective(drafter, "argmax")
+    maskable = scorable(torch.ones_like(ids, dtype=torch.bool), True)
+    noisy, scored = full_blocks(maskable, ids, drafter.config.mask_token_id), drafter_scored(maskable, cfg.block_size)
+
+    def loss():
+        with autocast:
+            ce, _ = objective(noisy, ids, scored)
+            return ce / scored.sum().clamp(min=1)
+
+    return _optimizer_step(loss, build_optimizer(objective, 1e-6, 0.0))
+
+
+def _prepare(model, cfg, device):
+    model.to(device).train()
+    if device.type == "cuda":
+        model.set_attention_backend("flex")
+    if cfg.gradient_checkpointing:
+        if isinstance(model, GatedDrafterLM):
+            model.enable_gradient_checkpointing()
+        else:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def _step_functions(cfg: TrainBenchConfig, device: torch.device):
-    """(AR step, dLM step, parameter count): one optimizer step each, on the same random batch and model."""
+    """({method: one optimizer step}, parameter count): every method on its own copy of the model, same batch."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     base, tokenizer = load_base(cfg.model, dtype=torch.float32)
-    ar_model = copy.deepcopy(base).to(device).train()
-    dlm = BlockDiffusionLM.from_base(base, tokenizer, block_size=cfg.block_size).to(device).train()
-    if device.type == "cuda":
-        dlm.set_attention_backend("flex")
-    if cfg.gradient_checkpointing:
-        for m in (ar_model, dlm.backbone):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    objective = DiffusionObjective(dlm)
-    ar_opt = build_optimizer(ar_model, 1e-6, 0.0)
-    dlm_opt = build_optimizer(objective, 1e-6, 0.0)
-
-    gen = torch.Generator().manual_seed(0)
-    vocab = len(tokenizer) - 1  # real tokens only (the dLM added the mask row)
-    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=gen)
-    maskable = scorable(torch.ones_like(ids, dtype=torch.bool), True)
-    masking = MaskingConfig(strategy="position")
-    ids_dev = ids.to(device)
-
-    def ar_step():
-        with autocast:
-            logits = ar_model(ids_dev).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids_dev[:, 1:].flatten())
-        loss.backward()
-        ar_opt.step()
-        ar_opt.zero_grad(set_to_none=True)
-
-    def dlm_step():
-        nb = noise_batch(ids, maskable, cfg.block_size, dlm.config.mask_token_id, masking, generator=gen)
-        with autocast:
-            ce, _ = objective(nb.noisy_ids.to(device), nb.clean_ids.to(device), nb.masked.to(device))
-            loss = ce / nb.masked.sum().clamp(min=1).to(device)
-        loss.backward()
-        dlm_opt.step()
-        dlm_opt.zero_grad(set_to_none=True)
-
-    return ar_step, dlm_step, _param_count(ar_model)
+    n_params = _param_count(base)
+    vocab = min(len(tokenizer), base.get_input_embeddings().weight.shape[0])  # real tokens (no mask row yet)
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    steps = {}
+    for name in cfg.method_list:
+        backbone = copy.deepcopy(base)
+        if name == "ar":
+            ar_model = backbone.to(device).train()
+            if cfg.gradient_checkpointing:
+                ar_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            steps[name] = _ar_step(ar_model, ids, autocast)
+        elif name == "drafter":
+            drafter = GatedDrafterLM.from_base(backbone, tokenizer, block_size=cfg.block_size, rank=cfg.lora_rank)
+            steps[name] = _drafter_step(cfg, _prepare(drafter, cfg, device), ids, autocast)
+        else:
+            dlm = BlockDiffusionLM.from_base(backbone, tokenizer, block_size=cfg.block_size)
+            if name == "lora":
+                dlm.apply_lora(rank=cfg.lora_rank)
+            steps[name] = _dlm_step(cfg, _prepare(dlm, cfg, device), ids, autocast, device)
+    return steps, n_params
 
 
 def _time_steps(steps: dict, warmup: int, timed: int, device: torch.device) -> dict[str, list[float]]:
@@ -130,6 +195,8 @@ def _add_utilisation(result: dict, device: torch.device, n_params: int, tokens: 
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     result["gpu"] = name
     for key, passes in (("ar", 1), ("dlm", 2)):  # the dLM runs 2L positions per sequence
+        if key not in result:
+            continue
         flops = 6 * n_params * tokens * passes / result[key]["step_s"]
         result[key]["model_tflops"] = flops / 1e12
         if peak:
@@ -139,24 +206,30 @@ def _add_utilisation(result: dict, device: torch.device, n_params: int, tokens: 
 def _print_result(cfg: TrainBenchConfig, result: dict) -> None:
     print(f"model {cfg.model} ({result['params'] / 1e6:.0f}M params) on {result['device']}, batch {cfg.batch_size} "
           f"x {cfg.seq_len} tokens, block {cfg.block_size}, median of {cfg.steps} steps")
-    print(f"{'':<22}{'step (s)':>10}{'tokens/s':>12}")
-    for key, label in (("ar", "AR fine-tuning"), ("dlm", "dLM conversion")):
+    print(f"{'':<22}{'step (s)':>10}{'tokens/s':>12}{'x AR step':>11}")
+    for key in cfg.method_list:
+        ratio = result["over_ar_step_time"].get(key)
         extra = f"  MFU {result[key]['mfu']:.1%}" if "mfu" in result[key] else ""
-        print(f"{label:<22}{result[key]['step_s']:>10.3f}{result[key]['tokens_per_s']:>12.0f}{extra}")
-    verdict = "meets" if result["dlm_over_ar_step_time"] <= 2.5 else "misses"
-    print(f"dLM step / AR step = {result['dlm_over_ar_step_time']:.2f}x ({verdict} the <= 2.5x target)")
+        print(f"{METHODS[key]:<22}{result[key]['step_s']:>10.3f}{result[key]['tokens_per_s']:>12.0f}"
+              f"{'' if ratio is None else f'{ratio:.2f}x':>11}{extra}")
+    if "dlm_over_ar_step_time" in result:
+        verdict = "meets" if result["dlm_over_ar_step_time"] <= 2.5 else "misses"
+        print(f"dLM step / AR step = {result['dlm_over_ar_step_time']:.2f}x ({verdict} the <= 2.5x target)")
 
 
 def run(cfg: TrainBenchConfig) -> dict:
     device = resolve_device(cfg.device)  # cuda without a GPU is an error line, not torch's assertion
-    ar_step, dlm_step, n_params = _step_functions(cfg, device)
-    times = _time_steps({"ar": ar_step, "dlm": dlm_step}, cfg.warmup, cfg.steps, device)
+    steps, n_params = _step_functions(cfg, device)
+    times = _time_steps(steps, cfg.warmup, cfg.steps, device)
     tokens = cfg.batch_size * cfg.seq_len
     result = {"config": asdict(cfg), "device": str(device), "params": n_params}
-    for name in ("ar", "dlm"):
+    for name in steps:
         med = statistics.median(times[name])
         result[name] = {"step_s": med, "tokens_per_s": tokens / med, "steps": times[name]}
-    result["dlm_over_ar_step_time"] = result["dlm"]["step_s"] / result["ar"]["step_s"]
+    result["over_ar_step_time"] = {name: result[name]["step_s"] / result["ar"]["step_s"]
+                                   for name in steps if "ar" in steps}
+    if "ar" in steps and "dlm" in steps:
+        result["dlm_over_ar_step_time"] = result["over_ar_step_time"]["dlm"]
     if device.type == "cuda":
         _add_utilisation(result, device, n_params, tokens)
     _print_result(cfg, result)
