@@ -53,8 +53,8 @@ class ModelRunner:
         else:
             ids, pos, mask, kv_len = self._padded(rows, fed)
         cache.bind(row_start, pos, kv_len)
-        out = self.dlm.backbone.get_decoder()(inputs_embeds=self.dlm.embed(ids), attention_mask=mask,
-                                              position_ids=pos, past_key_values=cache, use_cache=True)
+        out = self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                      use_cache=True)
         return self._pick_logits(out.last_hidden_state, fed)
 
     # ------------------------------------------------------------------------------------------ inputs

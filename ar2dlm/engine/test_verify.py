@@ -143,3 +143,33 @@ def test_speculative_sampling_keeps_the_target_distribution():
     chi2 = sum((counts[i] - n * p[i].item()) ** 2 / (n * p[i].item()) for i in range(5))
     assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
     assert math.isclose(accepted / n, torch.minimum(p, q[0]).sum().item(), abs_tol=0.015)
+
+
+def test_gated_drafter_verify_is_exactly_the_parent(tok, parent_and_dlm):
+    """A gated drafter whose adapter is far from zero: its drafts change, its output stays the parent's."""
+    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+
+    parent, _ = parent_and_dlm
+    drafter = GatedDrafterLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4, rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in drafter.modules():
+            if isinstance(m, GatedLoRALinear):
+                m.lora_B.normal_(0, 0.5)
+    engine = Engine(drafter.eval(), tok, max_running=2)
+    params = DecodeParams(policy="verify", max_new_tokens=16, stop_token_ids=())
+    results = engine.generate_batch(PROMPTS, params)
+    assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 16) for p in PROMPTS]
+    # the adapter does act at the mask positions in the engine's forward: zeroing it changes the drafts
+    def first_drafts(model):
+        eng = Engine(model, tok)
+        rid = eng.add_request(PROMPTS[0], params)
+        eng.step()
+        return eng.requests[rid].state.drafts
+
+    trained = first_drafts(drafter)
+    with torch.no_grad():
+        for m in drafter.modules():
+            if isinstance(m, GatedLoRALinear):
+                m.lora_B.zero_()
+    assert first_drafts(drafter) != trained

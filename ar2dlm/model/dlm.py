@@ -235,12 +235,15 @@ class BlockDiffusionLM(nn.Module):
         hidden = self.predictor_hidden(self.training_hidden(noisy_ids, clean_ids, lengths, block_size), block_size)
         return self.logits(hidden[scored]), clean_ids[scored]
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        """Plain causal-LM style call (used by decoders): logits for every position, mask token ruled out.
+    def decoder_output(self, input_ids: torch.Tensor, **kwargs):
+        """The backbone's decoder (no LM head) on `input_ids`; kwargs go to it (attention_mask, position_ids,
+        past_key_values, use_cache, ...). The decoding engine's model runner calls this, so a subclass that must see
+        the fed ids (the gated drafter) hooks in here."""
+        return self._decoder()(inputs_embeds=self.embed(input_ids), **kwargs)
 
-        kwargs go to the backbone's decoder (attention_mask, position_ids, past_key_values, use_cache, ...).
-        """
-        out = self._decoder()(inputs_embeds=self.embed(input_ids), **kwargs)
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        """Plain causal-LM style call (used by decoders): logits for every position, mask token ruled out."""
+        out = self.decoder_output(input_ids, **kwargs)
         return self.logits(out.last_hidden_state), out
 
     # ------------------------------------------------------------------------------------------------ save/load

@@ -124,12 +124,17 @@ class GatedDrafterLM(BlockDiffusionLM):
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": self.gate.checkpoint_contexts})
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the decoder layers recompute activations in backward (Hugging Face then refuses a KV cache)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.backbone.modules())
+
     # ------------------------------------------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        """The causal-LM style call of `BlockDiffusionLM.forward`, gated by the ids fed: clean and mask positions
-        may be mixed in one (KV-cached) forward."""
+    def decoder_output(self, input_ids: torch.Tensor, **kwargs):
+        """`BlockDiffusionLM.decoder_output` gated by the ids fed: clean and mask positions may be mixed in one
+        (KV-cached) forward, as the engine's verify policy does."""
         with self.gate.use(self.gate_for(input_ids)):
-            return super().forward(input_ids, **kwargs)
+            return super().decoder_output(input_ids, **kwargs)
 
     def training_hidden(self, noisy_ids, clean_ids, lengths=None, block_size=None) -> torch.Tensor:
         """Final hidden states of the [noisy | clean] layout with the drafter mask (token-causal clean copy), all in
