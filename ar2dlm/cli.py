@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "training throughput: dLM loss vs plain AR fine-tuning, side by side"),
     "bench": ("ar2dlm.recipes.bench_decode", "decoding speed: dLM policies vs HF generate and our ar on the AR parent "
                                              "(tokens/s, NFE, TPF, agreement) at several batch sizes"),
+    "bench-batching": ("ar2dlm.recipes.bench_batching",
+                       "continuous batching vs one request at a time on the same arrival trace (throughput, "
+                       "latencies, identical outputs)"),
     "compare": ("ar2dlm.recipes.compare", "AR parent and dLM answer the same prompts side by side (TPF, agreement)"),
     "generate": ("ar2dlm.recipes.generate",
                  "answer a prompt with the cached decoding engine (text + NFE/TPF/speed)"),
