@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from ar2dlm.errors import Ar2dlmError
 
 
-def _opt(default, help: str, **extra):
+def option(default, help: str, **extra):
+    """A config field that is also a command-line option: its default, its help text, and argparse extras
+    (`choices`, `flag`, `cli`) for `utils.cli_config.add_dataclass_args`."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -15,27 +17,27 @@ def _opt(default, help: str, **extra):
 class TrainConfig:
     """Optimisation and bookkeeping settings shared by `convert` and `distill`."""
 
-    output: str = _opt("runs/train", "output folder: final model, checkpoints, metrics, plots")
-    lr: float = _opt(1e-4, "peak learning rate")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = _opt(10, "linear warm-up steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    batch_size: int = _opt(4, "sequences per micro-batch per process")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: int = _opt(120, "optimizer steps (the schedule's length)")
-    max_minutes: float | None = _opt(None, "stop (and save) after this many minutes of training")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
-    lora_alpha: int = _opt(32, "LoRA alpha")
-    fsdp: bool = _opt(False, "shard the model with FSDP2 under torchrun (default: DDP)")
-    heldout: int = _opt(32, "examples held out for masked-token accuracy")
-    seed: int = _opt(0, "random seed")
-    log_every: int = _opt(1, "steps between metric lines")
-    eval_every: int = _opt(0, "steps between held-out evaluations (0: only before and after)")
-    save_every: int = _opt(25, "steps between resumable checkpoints")
-    resume: bool = _opt(False, "continue from the checkpoint in the output folder")
-    device: str = _opt("auto", "cpu, cuda or auto")
+    output: str = option("runs/train", "output folder: final model, checkpoints, metrics, plots")
+    lr: float = option(1e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    batch_size: int = option(4, "sequences per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_steps: int = option(120, "optimizer steps (the schedule's length)")
+    max_minutes: float | None = option(None, "stop (and save) after this many minutes of training")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    lora_rank: int = option(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: int = option(32, "LoRA alpha")
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun (default: DDP)")
+    heldout: int = option(32, "examples held out for masked-token accuracy")
+    seed: int = option(0, "random seed")
+    log_every: int = option(1, "steps between metric lines")
+    eval_every: int = option(0, "steps between held-out evaluations (0: only before and after)")
+    save_every: int = option(25, "steps between resumable checkpoints")
+    resume: bool = option(False, "continue from the checkpoint in the output folder")
+    device: str = option("auto", "cpu, cuda or auto")
 
     def __post_init__(self):
         checks = [
@@ -62,31 +64,31 @@ class TrainConfig:
 @dataclass
 class ConvertConfig(TrainConfig):
     # what to convert
-    model: str = _opt("smollm2-135m", "base AR model: embedded name, local folder, .gguf file or hub id")
-    output: str = _opt("runs/convert", "output folder: final dLM, checkpoints, metrics, plots")
+    model: str = option("smollm2-135m", "base AR model: embedded name, local folder, .gguf file or hub id")
+    output: str = option("runs/convert", "output folder: final dLM, checkpoints, metrics, plots")
     # the dLM
-    block_size: int = _opt(4, "diffusion block size B")
-    token_shift: bool = _opt(True, "logit at i predicts token i+1 (reuses the AR head)")
-    mask_token: str | None = _opt(None, "reuse this existing vocabulary token as mask (default: add a new row)")
+    block_size: int = option(4, "diffusion block size B")
+    token_shift: bool = option(True, "logit at i predicts token i+1 (reuses the AR head)")
+    mask_token: str | None = option(None, "reuse this existing vocabulary token as mask (default: add a new row)")
     # masking
-    masking: str = _opt("position", "noise schedule within a block", choices=["uniform", "position"])
-    half_life: float = _opt(0.5, "position-dependent masking half-life ratio h (lambda = ln2 / (h*B))")
-    mask_eps: float = _opt(1e-3, "smallest mask ratio drawn")
-    complementary: bool = _opt(False, "also train every sequence on the complement of its mask")
+    masking: str = option("position", "noise schedule within a block", choices=["uniform", "position"])
+    half_life: float = option(0.5, "position-dependent masking half-life ratio h (lambda = ln2 / (h*B))")
+    mask_eps: float = option(1e-3, "smallest mask ratio drawn")
+    complementary: bool = option(False, "also train every sequence on the complement of its mask")
     # data
-    data: str = _opt("self", "training data: 'self' (the base model writes it), a local file, or a hub dataset id")
-    seq_len: int = _opt(256, "tokens per training sequence")
-    max_records: int | None = _opt(None, "use at most this many data records")
-    self_samples: int = _opt(160, "records the base model writes for data=self")
-    self_max_new_tokens: int = _opt(160, "tokens per answer the base model writes for data=self")
-    self_answer_temperature: float = _opt(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
+    data: str = option("self", "training data: 'self' (the base model writes it), a local file, or a hub dataset id")
+    seq_len: int = option(256, "tokens per training sequence")
+    max_records: int | None = option(None, "use at most this many data records")
+    self_samples: int = option(160, "records the base model writes for data=self")
+    self_max_new_tokens: int = option(160, "tokens per answer the base model writes for data=self")
+    self_answer_temperature: float = option(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
     # gated drafter (lossless mode): the parent stays exact, an adapter drafts at mask positions
-    drafter: bool = _opt(False, "train a gated drafter instead of a dLM: the frozen parent computes every clean "
+    drafter: bool = option(False, "train a gated drafter instead of a dLM: the frozen parent computes every clean "
                                 "position, a LoRA adapter (rank 32 unless --lora-rank) acts only on mask tokens")
-    drafter_target: str = _opt("argmax", "what a drafter learns at masked positions: the data's tokens (text), the "
+    drafter_target: str = option("argmax", "what a drafter learns at masked positions: the data's tokens (text), the "
                                          "parent's teacher-forced argmax (CE) or its distribution (KL)",
                                choices=["text", "argmax", "distribution"])
-    drafter_masking: str = _opt("full", "drafter masks: full = every maskable token (the fully masked block a "
+    drafter_masking: str = option("full", "drafter masks: full = every maskable token (the fully masked block a "
                                         "verify decoder drafts from), schedule = --masking", choices=["full", "schedule"])
 
     def __post_init__(self):

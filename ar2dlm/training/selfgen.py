@@ -14,6 +14,7 @@ already holds at least `n_samples` records is reused as is.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import torch
 
 from ar2dlm.data.tokenize import has_chat_template, render_chat, special_strings
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.loading import cache_dir, resolve_model_source
 from ar2dlm.utils.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,15 @@ def count_records(path: str | Path) -> int:
 def metadata_path(cache_path: str | Path) -> Path:
     cache_path = Path(cache_path)
     return cache_path.with_name(cache_path.name + ".meta.json")
+
+
+def self_corpus_path(cfg) -> Path:
+    """Cache location of the base model's own corpus, keyed by everything that changes its content: the model and the
+    `self_*` settings and seed of a conversion config (convert writes the corpus, distill reads the same one)."""
+    key = json.dumps([resolve_model_source(cfg.model), cfg.self_samples, cfg.self_max_new_tokens,
+                      cfg.self_answer_temperature, cfg.seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "self-corpus" / f"{Path(cfg.model).name}-{digest}.jsonl"
 
 
 def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, cache_path: str | Path, seed: int,

@@ -13,9 +13,9 @@ import torch
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.recipes.convert import run
 from ar2dlm.testing import tiny_base
 from ar2dlm.training.config import ConvertConfig
-from ar2dlm.training.convert import convert
 
 QA = [
     ("What is two plus two?", "Two plus two is four."),
@@ -49,7 +49,7 @@ def small_config(base, data, out, **kw) -> ConvertConfig:
 def test_conversion_learns_and_writes_outputs(setup):
     base, data, root = setup
     out = root / "run-basic"
-    summary = convert(small_config(base, data, out))
+    summary = run(small_config(base, data, out))
     before, after = summary["heldout_before"], summary["heldout_after"]
     assert after["heldout_loss"] < before["heldout_loss"] - 0.5, (before, after)
     assert after["heldout_acc"] > before["heldout_acc"]
@@ -64,11 +64,11 @@ def test_conversion_learns_and_writes_outputs(setup):
 def test_existing_run_needs_resume_flag(setup):
     base, data, root = setup
     out = root / "run-twice"
-    convert(small_config(base, data, out, max_steps=2, save_every=1))
+    run(small_config(base, data, out, max_steps=2, save_every=1))
     with pytest.raises(Ar2dlmError, match="--resume"):
-        convert(small_config(base, data, out, max_steps=2))
+        run(small_config(base, data, out, max_steps=2))
     with pytest.raises(Ar2dlmError, match="no checkpoint"):
-        convert(small_config(base, data, root / "never-ran", resume=True))
+        run(small_config(base, data, root / "never-ran", resume=True))
 
 
 def _cli(args: list[str], env_extra: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:

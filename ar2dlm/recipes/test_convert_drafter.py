@@ -17,9 +17,9 @@ from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.drafter import DRAFTER_WEIGHTS_FILE, GatedDrafterLM
 from ar2dlm.model.loading import load_base
+from ar2dlm.recipes.convert import run
 from ar2dlm.testing import tiny_base
 from ar2dlm.training.config import ConvertConfig
-from ar2dlm.training.convert import convert
 
 ANSWERS = ["The sky is blue on a clear day.", "Two plus two is four.", "0 1 2 3 4 5 6 7 8 9",
            "The quick brown fox jumps over the lazy dog."]
@@ -53,7 +53,7 @@ def test_drafter_conversion_end_to_end(setup):
     cfg = ConvertConfig(drafter=True, model=str(base), data=str(data), output=str(out), seq_len=48, batch_size=4,
                         heldout=8, max_steps=12, warmup_steps=2, lr=1e-2, save_every=6, device="cpu")
     assert cfg.lora_rank == 32  # --drafter implies an adapter
-    summary = convert(cfg)
+    summary = run(cfg)
     before, after = summary["heldout_before"], summary["heldout_after"]
     assert after["heldout_loss"] < before["heldout_loss"], (before, after)
     drafter = summary["drafter"]

@@ -1,4 +1,5 @@
-"""`ar2dlm distill` end to end on a tiny model: trajectories, training, outputs, resume, CLI errors; and the loss."""
+"""`ar2dlm distill` end to end on a tiny model: trajectories, training, outputs, resume, CLI errors (the loss is
+tested in distillation/test_loss.py)."""
 
 import json
 import os
@@ -9,10 +10,9 @@ import pytest
 import torch
 
 from ar2dlm.cli import main
-from ar2dlm.distillation.distill import DistillConfig, distill
-from ar2dlm.distillation.loss import DistillObjective, sharpened_entropy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.recipes.distill import DistillConfig, run
 from ar2dlm.testing import tiny_model, tiny_tokenizer
 
 QUESTIONS = ["What is 2 + 3?", "Natalia sold 48 clips in April. How many?", "add a and b", "the quick brown fox"]
@@ -39,7 +39,7 @@ def _cfg(student, out, **kw):
 
 
 def test_distill_runs_and_writes_everything(student, tmp_path):
-    summary = distill(_cfg(student, tmp_path / "run"))
+    summary = run(_cfg(student, tmp_path / "run"))
     out = tmp_path / "run"
     assert (out / "trajectories.jsonl").exists() and (out / "loss.png").exists()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_distill_runs_and_writes_everything(student, tmp_path):
     dlm, _ = BlockDiffusionLM.from_pretrained(out / "model")
     assert dlm.config.block_size == 4
     # the trajectory file is reused by a second run (no teacher work), and training changed the weights
-    summary2 = distill(_cfg(student, tmp_path / "run2", trajectories=str(out / "trajectories.jsonl"), max_steps=1))
+    summary2 = run(_cfg(student, tmp_path / "run2", trajectories=str(out / "trajectories.jsonl"), max_steps=1))
     assert summary2["trajectories"] == 24
     before, _ = BlockDiffusionLM.from_pretrained(student / "dlm")
     assert not torch.equal(before.backbone.lm_head.weight, dlm.backbone.lm_head.weight)
@@ -59,8 +59,8 @@ def test_distill_runs_and_writes_everything(student, tmp_path):
 def test_teacher_target_with_grading(student, tmp_path):
     """A random teacher never writes the right answer: every record is filtered out -> a clear error."""
     with pytest.raises(Ar2dlmError, match="trajectories"):
-        distill(_cfg(student, tmp_path / "t", target="teacher", grade="gsm8k", teacher_max_new_tokens=8))
-    summary = distill(_cfg(student, tmp_path / "t2", target="teacher", teacher_max_new_tokens=8, max_steps=1))
+        run(_cfg(student, tmp_path / "t", target="teacher", grade="gsm8k", teacher_max_new_tokens=8))
+    summary = run(_cfg(student, tmp_path / "t2", target="teacher", teacher_max_new_tokens=8, max_steps=1))
     first = json.loads((tmp_path / "t2" / "trajectories.jsonl").read_text().splitlines()[0])
     assert first["target"] == "teacher" and sum(r >= 0 for r in first["rank"]) <= 8
     assert summary["steps"] == 1
@@ -99,38 +99,8 @@ def test_cli_errors(student, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "ar2dlm: error: --max-records must be >= 1, got 0"
 
 
-def test_entropy_term_only_on_correct_predictions():
-    tok = tiny_tokenizer()
-    dlm = BlockDiffusionLM.from_base(tiny_model("llama", seed=2, vocab_size=len(tok)), tok, block_size=4)
-    torch.manual_seed(0)
-    clean = torch.randint(3, len(tok) - 1, (2, 16))
-    masked = torch.zeros(2, 16, dtype=torch.bool)
-    masked[:, 5:] = True
-    noisy = torch.where(masked, dlm.config.mask_token_id, clean)
-    logits, targets = dlm.diffusion_logits(noisy, clean, masked)
-    right = logits.argmax(-1) == targets
-    # make some predictions right: use the model's own argmax as the target for half the rows' positions
-    clean2 = clean.clone()
-    clean2[masked] = torch.where(torch.arange(targets.numel()) % 2 == 0, logits.argmax(-1), targets)
-    loss, correct, ce, ent = DistillObjective(dlm, entropy_weight=2.0, entropy_temperature=0.5)(noisy, clean2, masked)
-    logits2, targets2 = dlm.diffusion_logits(noisy, clean2, masked)
-    right = logits2.argmax(-1) == targets2
-    assert int(correct) == int(right.sum()) > 0
-    expect_ent = sharpened_entropy(logits2[right], 0.5).sum()
-    torch.testing.assert_close(ent, expect_ent)
-    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits2, targets2, reduction="sum"))
-    torch.testing.assert_close(loss, ce + 2.0 * expect_ent)
-    # the entropy term pushes toward sharper distributions: its gradient is non-zero
-    ent.backward()
-    assert dlm.backbone.lm_head.weight.grad.abs().sum() > 0
-    # sharpened entropy is the entropy of softmax(logits / T)
-    x = torch.tensor([[2.0, 0.0, -1.0]])
-    p = (x / 0.5).softmax(-1)
-    torch.testing.assert_close(sharpened_entropy(x, 0.5), -(p * p.log()).sum(-1))
-
-
 def test_lora_distillation_saves_an_adapter_on_the_student(student, tmp_path):
-    summary = distill(_cfg(student, tmp_path / "lora", lora_rank=4, max_steps=2))
+    summary = run(_cfg(student, tmp_path / "lora", lora_rank=4, max_steps=2))
     assert summary["lora_rank"] == 4
     out = tmp_path / "lora" / "model"
     assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
@@ -144,7 +114,7 @@ def test_lora_distillation_saves_an_adapter_on_the_student(student, tmp_path):
 
 
 def test_block_size_curriculum_grows_the_student_block(student, tmp_path):
-    summary = distill(_cfg(student, tmp_path / "grow", block_sizes="4,8", max_steps=4))
+    summary = run(_cfg(student, tmp_path / "grow", block_sizes="4,8", max_steps=4))
     assert summary["block_sizes"] == [4, 8]
     rows = [json.loads(ln) for ln in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
     assert [r["block_size"] for r in rows if "loss" in r] == [4, 4, 8, 8]
@@ -157,7 +127,7 @@ def test_block_size_curriculum_grows_the_student_block(student, tmp_path):
 
 
 def test_truncate_cuts_at_a_block_boundary():
-    from ar2dlm.distillation.distill import truncate
+    from ar2dlm.recipes.distill import truncate
     from ar2dlm.distillation.trajectories import Trajectory
 
     long = Trajectory(list(range(11)), [-1, -1, 0, 1, 2, 0, 3, 1, 0, 1, 2])
