@@ -1,4 +1,5 @@
-"""Model-independent evaluation parts: AUP, benchmarks and their scoring, the code sandbox, fidelity metrics.
+"""Evaluation parts: AUP, benchmarks and their scoring, the code sandbox, fidelity metrics, likelihood estimators,
+resumable evaluation points, the lm-eval model, result tables and plots, the prompts compare and bench share.
 
-Nothing here generates text; a decoder produces completions, these modules turn them into numbers.
+The jobs built from them (`eval`, `ppl`, `report`, `lm-eval`) are recipes (`ar2dlm/recipes/`).
 """
