@@ -4,8 +4,8 @@ Methods, each run at every batch size over the same prompt token ids (chat templ
   * `hf-generate`: Hugging Face `generate`, greedy, on the AR parent (the plain AR baseline);
   * `ar-engine`: our cached engine with the `ar` policy on the AR parent wrapped as a block-size-1 dLM (the same
     model, and the same decoding loop as the dLM policies, one token a forward);
-  * every dLM policy spec (`threshold:0.9`, `entropy:0.5`, `steps:2` = 2 tokens a forward, `ar`), optionally also with
-    multi-block decoding (`+bp`).
+  * every dLM policy spec (`threshold:0.9`, `entropy:0.5`, `steps:2` = 2 tokens a forward, `ar`, `verify:3` = 3
+    drafts checked a forward), optionally also with multi-block decoding (`+bp`).
 
 Batch size 1 decodes the prompts one at a time; batch size N decodes them in consecutive groups of N (HF generate with
 left padding and an attention mask, the engine with `generate_batch`). Before the timed pass every method decodes the
@@ -90,8 +90,8 @@ class DecodeBenchConfig:
     base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
     prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
     policies: str = field(default="threshold:0.9,threshold:0.7,entropy:0.5", metadata={
-        "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar; "
-                "a +bp suffix decodes multi-block"})
+        "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar, "
+                "verify:DRAFTS; a +bp suffix decodes multi-block"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
     warmup: int = field(default=1, metadata={"help": "untimed calls per method and batch size (on the first group)"})
@@ -278,6 +278,7 @@ def _row(m: _Method, bs: int, r: dict, reference: list[list[int]], tok) -> dict:
         "policy": spec.policy if spec else ("ar" if m.kind == "engine" else "hf-greedy"),
         "tau": spec.make_policy().tau if spec and spec.policy in DEFAULT_TAU else None,
         "steps_per_forward": spec.steps_per_forward if spec and spec.policy == "steps" else None,
+        "draft_len": spec.draft_len if spec and spec.policy == "verify" else None,
         "block_parallel": bool(spec and spec.block_parallel), "batch_size": bs,
         "tokens": n_tok, "wall_s": r["wall_s"], "tokens_per_s": n_tok / r["wall_s"] if r["wall_s"] else 0.0,
         "calls": r["calls"], "nfe": nfe, "tpf": n_tok / nfe if nfe else 0.0,
