@@ -50,7 +50,7 @@ class DrafterObjective(nn.Module):
 
     def halves(self, noisy_ids, clean_ids, lengths, block_size) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy hidden with gradients, clean hidden without) of the layout, each [N, L, H]."""
-        if self.split and not self.dlm.backbone.is_gradient_checkpointing:
+        if self.split and not self.dlm.checkpointing:
             clean_hidden, cache = self.dlm.clean_pass(clean_ids)
             return self.dlm.noisy_pass(noisy_ids, cache, lengths, block_size), clean_hidden
         hidden = self.dlm.training_hidden(noisy_ids, clean_ids, lengths, block_size)
