@@ -20,27 +20,28 @@ def _dlm(token_shift=True, block_size=4, seed=5):
 
 
 def _engine_order(engine, prompt, cfg):
-    """The step (inside its block) at which the engine committed each generated position."""
-    run = engine._run([prompt], cfg)
+    """The step (inside its block) at which the engine committed each generated position, read from the request's
+    block state after every step."""
+    rid = engine.add_request(prompt, cfg)
+    state = engine.requests[rid].state
     B = engine.dlm.config.block_size
     seen, steps_in_block = None, {}
     while True:
-        try:
-            rows = next(run)
-        except StopIteration as stop:
-            return stop.value[0], steps_in_block
-        row = rows[0]
-        pending = list(row.pending)
+        outputs = engine.step()
+        pending = list(state.pending)
         if seen is not None:
             for p, (was, now) in enumerate(zip(seen, pending)):
                 if was and not now:
                     blk = p // B
                     steps_in_block[p] = sum(1 for q in steps_in_block if q // B == blk)
         else:
-            for p in range(row.prompt_len, len(pending)):
+            for p in range(state.prompt_len, len(pending)):
                 if not pending[p]:
                     steps_in_block[p] = 0
         seen = pending
+        done = [o.result for o in outputs if o.finished]
+        if done:
+            return done[0], steps_in_block
 
 
 @pytest.mark.parametrize("token_shift", [True, False])
