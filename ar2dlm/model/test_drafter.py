@@ -215,3 +215,28 @@ def test_save_load_round_trip_keeps_the_gate(tmp_path):
         ref = parent(stand_in(fed, drafter.config.mask_token_id), attention_mask=mask).logits
     assert torch.equal(got, want)
     assert torch.equal(got[:, :9, :vocab], ref[:, :9])
+
+
+def test_flex_backend_equals_sdpa():
+    """Both drafter layouts through Hugging Face's flex_attention path (the CUDA default) equal the SDPA path:
+    the whole [noisy | clean] layout and the noisy half on top of the clean cache (2L = 128: see test_attention)."""
+    from ar2dlm.model.test_attention import _compiler_errors
+
+    _, drafter, _ = parent_and_drafter()
+    seq_len = 64
+    clean = ids(2, seq_len, 290, seed=9)
+    noisy = clean.clone()
+    noisy[:, 8:] = drafter.config.mask_token_id
+    lengths = torch.tensor([seq_len, seq_len - 7])
+    with torch.no_grad():
+        want = drafter.training_hidden(noisy, clean, lengths), drafter.split_hidden(noisy, clean, lengths)
+        drafter.set_attention_backend("flex")
+        try:
+            got = drafter.training_hidden(noisy, clean, lengths), drafter.split_hidden(noisy, clean, lengths)
+        except _compiler_errors() as e:
+            pytest.skip(f"transformers' flex_attention path cannot run here: {type(e).__name__}: {e}")
+        finally:
+            drafter.set_attention_backend("sdpa")
+    valid = torch.cat([torch.arange(seq_len) < lengths[:, None]] * 2, dim=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[valid], w[valid], atol=1e-5, rtol=1e-5)
