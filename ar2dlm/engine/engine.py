@@ -47,11 +47,12 @@ import torch
 
 from ar2dlm.engine.output import GenerationResult, default_stop_ids, encode_prompt
 from ar2dlm.engine.params import DecodeParams
-from ar2dlm.engine.request import Request, RequestOutput, Status
+from ar2dlm.engine.request import Request, RequestOutput
 from ar2dlm.engine.runner import ModelRunner
 from ar2dlm.engine.scheduler import Scheduler, SchedulerLimits
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.open import context_length
 
 
 class TextStream:
@@ -70,7 +71,7 @@ class Engine:
         self.runner = ModelRunner(dlm)
         self.dlm = self.runner.dlm
         self.tokenizer = tokenizer
-        self.context = getattr(dlm.hf_config, "max_position_embeddings", None)
+        self.context = context_length(dlm)
         self.cache = self.runner.new_cache(max_running)
         self.scheduler = Scheduler(SchedulerLimits(max_running, max_fed_tokens), self.cache)
         self.requests: dict[str, Request] = {}

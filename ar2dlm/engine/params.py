@@ -143,6 +143,7 @@ class DecodeParams:
 
 
 _HINTS = typing.get_type_hints(DecodeParams)
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 _NOT_SWEEPABLE = ("stop_token_ids", "stop_strings")
 
 
@@ -167,6 +168,8 @@ def _parse_value(key: str, text: str, what: str):
     text = text.strip()
     if optional and text.lower() == "none":
         return None
+    if key == "stop_token_ids":  # a list field given as text: comma-separated ids
+        return tuple(_parse_value("max_new_tokens", t, what) for t in text.split(",") if t.strip())
     if tp is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -179,7 +182,7 @@ def _parse_value(key: str, text: str, what: str):
             return tp(text)
         except (TypeError, ValueError):
             pass
-    raise Ar2dlmError(f"{what}: {text!r} is not a valid {tp.__name__}")
+    raise Ar2dlmError(f"{what}: {text!r} is not {_TYPE_WORDS.get(tp, tp.__name__)}")
 
 
 def _check_type(key: str, value):
@@ -198,7 +201,7 @@ def _check_type(key: str, value):
     if tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise Ar2dlmError(f"{key} must be a {tp.__name__}, got {value!r}")
+        raise Ar2dlmError(f"{key} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {value!r}")
     return tp(value)
 
 

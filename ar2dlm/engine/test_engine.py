@@ -356,39 +356,3 @@ def test_bad_parameters(tok):
     with pytest.raises(Ar2dlmError):
         Engine(dlm).generate("text needs a tokenizer")
     assert DecodeParams().policy == "threshold"
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def test_generate_cli(tmp_path, tok, capsys):
-    from ar2dlm.cli import main
-    from ar2dlm.testing import tiny_base
-
-    base = tiny_base(tmp_path)
-    dlm = _dlm(tok, block_size=4, peaked=False)
-    dlm.save_pretrained(tmp_path / "dlm", tok)
-    assert main(["generate", "--model", str(tmp_path / "dlm"), "--prompt", "the quick", "--max-new-tokens", "8",
-                 "--tau", "0.0", "--chat", "--block-parallel", "--stream"]) == 0
-    out = capsys.readouterr()
-    assert "NFE" in out.err and "TPF" in out.err and "TTFT" in out.err
-    # a plain AR folder runs as a block-size-1 dLM: one token per forward
-    assert main(["generate", "--model", str(base), "--prompt", "the quick", "--max-new-tokens", "6",
-                 "--policy", "ar", "--json-out", str(tmp_path / "g.json")]) == 0
-    out = capsys.readouterr()
-    assert "TPF 1.00" in out.err
-    assert main(["generate", "--model", str(base), "--prompt", "x", "--tau", "2"]) == 2
-    assert "tau" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--json-out", "{tmp}"], "--json-out"),  # a folder: refused before the model loads, not after the answer
-    (["--json-out", "{tmp}/a_file/g.json"], "is a file, not a folder"),
-    (["--stop", ""], "stop strings must be non-empty"),  # was silently ignored
-])
-def test_generate_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, message):
-    from ar2dlm.cli import main
-
-    (tmp_path / "a_file").write_text("x")
-    extra = [a.format(tmp=tmp_path) for a in extra]
-    assert main(["generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ar2dlm: error: ") and message in err[0], err

@@ -113,7 +113,7 @@ def test_parse_policy_specs():
 
 @pytest.mark.parametrize("spec, match", [
     ("threshold:1.5", "in \\[0, 1\\]"), ("threshold:-0.1", "in \\[0, 1\\]"), ("entropy:-1", ">= 0"),
-    ("steps:0", "k >= 1"), ("steps:1.5", "not a valid int"), ("threshold:high", "not a valid float"),
+    ("steps:0", "k >= 1"), ("steps:1.5", "is not an integer"), ("threshold:high", "is not a number"),
     ("greedy:1", "unknown"),
     ("ar:1", "no value"), ("threshold:", "no value"), (" , ", "empty"),
 ])

@@ -194,7 +194,7 @@ def test_parse_sweep():
 @pytest.mark.parametrize("args, message", [
     (["--task", "mmlu"], "unknown task"),
     (["--sweep", "tau"], "malformed --sweep"),
-    (["--sweep", "tau=0.5,x"], "not a valid float"),
+    (["--sweep", "tau=0.5,x"], "is not a number"),
     (["--sweep", "nope=1,2"], "unknown decode setting"),
     (["--sweep", "policy=threshold,fast"], "unknown decoding policy"),
     (["--model", "{root}/missing"], "not found"),
