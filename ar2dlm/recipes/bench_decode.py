@@ -49,13 +49,15 @@ from ar2dlm.utils.files import check_output_file, write_json
 
 HF_METHOD = "hf-generate"
 AR_METHOD = "ar-engine"
+LOOKUP_METHOD = "hf-prompt-lookup"
 
 
 # ------------------------------------------------------------------------------------------------- policy specs
 def parse_policy_specs(text: str, block_parallel_too: bool = False,
                        base: DecodeParams | None = None) -> list[DecodeParams]:
     """Comma-separated `DecodeParams.from_spec` specs (`threshold:0.9`, `entropy:0.5`, `steps:2`, `ar`, a `+bp`
-    suffix for multi-block), duplicates dropped; with `block_parallel_too` each non-ar spec also runs multi-block.
+    suffix for multi-block), duplicates dropped; with `block_parallel_too` each block-diffusion spec also runs
+    multi-block.
     `base` gives the other decoding fields (length, multi-block knobs)."""
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
@@ -63,7 +65,7 @@ def parse_policy_specs(text: str, block_parallel_too: bool = False,
     fields = {} if base is None else {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     specs = list(dict.fromkeys(DecodeParams.from_spec(p, **fields) for p in parts))
     if block_parallel_too:
-        specs += [s.replace(block_parallel=True) for s in list(specs) if s.policy != "ar"]
+        specs += [s.replace(block_parallel=True) for s in list(specs) if s.policy not in ("ar", "verify")]
     return list(dict.fromkeys(specs))
 
 
@@ -94,6 +96,8 @@ class DecodeBenchConfig:
                 "verify:DRAFTS; a +bp suffix decodes multi-block"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
+    prompt_lookup: int = field(default=10, metadata={
+        "help": f"tokens a draft of HF prompt-lookup decoding on the parent ({LOOKUP_METHOD}, batch 1 only; 0: off)"})
     warmup: int = field(default=1, metadata={"help": "untimed calls per method and batch size (on the first group)"})
     device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
@@ -103,6 +107,8 @@ class DecodeBenchConfig:
     def __post_init__(self):
         if self.warmup < 0:
             raise Ar2dlmError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.prompt_lookup < 0:
+            raise Ar2dlmError(f"--prompt-lookup must be >= 0, got {self.prompt_lookup}")
         self.policy_specs()
         self.batch_size_list()
         check_output_file(self.json_out, "--json-out")
@@ -173,8 +179,11 @@ class _Method:
 
 
 def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: int, device,
-               model: str) -> _Method:
-    counter = _CallCounter(parent, stop_ids)
+               model: str, counter: _CallCounter, prompt_lookup: int = 0) -> _Method:
+    """HF `generate` on the parent, greedy; with `prompt_lookup` > 0, its assisted generation with prompt-lookup
+    drafts of that many tokens (n-grams of the prompt), the speculative decoding a user gets for free. `counter`
+    counts the parent's calls (one counter per model: both HF methods share it)."""
+    extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
 
     def run(group: list[list[int]]) -> list[tuple[list[int], int]]:
         width = max(len(ids) for ids in group)
@@ -187,11 +196,11 @@ def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: i
         out = parent.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
-            no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=list(stop_ids), pad_token_id=pad_id)
+            no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=list(stop_ids), pad_token_id=pad_id, **extra)
         answers = [trim_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
         return list(zip(answers, counter.rows.tolist()))
 
-    return _Method(HF_METHOD, "hf", run, lambda: counter.calls, None, model)
+    return _Method(LOOKUP_METHOD if prompt_lookup else HF_METHOD, "hf", run, lambda: counter.calls, None, model)
 
 
 def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: DecodeParams | None, model: str,
@@ -275,7 +284,7 @@ def _row(m: _Method, bs: int, r: dict, reference: list[list[int]], tok) -> dict:
     spec = m.spec
     return {
         "method": m.name, "kind": m.kind, "on": "AR" if spec is None else "dLM", "model": m.model,
-        "policy": spec.policy if spec else ("ar" if m.kind == "engine" else "hf-greedy"),
+        "policy": spec.policy if spec else ("ar" if m.kind == "engine" else m.name),
         "tau": spec.make_policy().tau if spec and spec.policy in DEFAULT_TAU else None,
         "steps_per_forward": spec.steps_per_forward if spec and spec.policy == "steps" else None,
         "draft_len": spec.draft_len if spec and spec.policy == "verify" else None,
@@ -310,30 +319,36 @@ def run(cfg: DecodeBenchConfig) -> dict:
 
     ar_params = cfg.decode.replace(policy="ar", stop_token_ids=stops)
     wrapped_calls, dlm_calls = _CallCounter(wrapped.backbone.get_decoder()), _CallCounter(dlm.backbone.get_decoder())
-    methods = [_hf_method(parent, stops, pad_id, max_new, device, base_name),
+    parent_calls = _CallCounter(parent, stops)
+    methods = [_hf_method(parent, stops, pad_id, max_new, device, base_name, parent_calls),
                _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_params, None, base_name, wrapped_calls)]
     methods += [_engine_method(s.label, dlm, tok, s.replace(stop_token_ids=stops), s, cfg.model, dlm_calls)
                 for s in specs]
 
+    lookup = [_hf_method(parent, stops, pad_id, max_new, device, base_name, parent_calls, cfg.prompt_lookup)] \
+        if cfg.prompt_lookup else []
     passes: dict[int, dict] = {}
     for bs in batch_sizes:
         groups = [prompt_ids[i:i + bs] for i in range(0, len(prompt_ids), bs)]
+        timed = methods + (lookup if bs == 1 else [])  # HF assisted generation takes one sequence at a time
         t0 = time.perf_counter()
-        passes[bs] = _time_pass(methods, groups, cfg.warmup, device)
-        print(f"batch {bs}: {len(prompts)} prompts in {len(groups)} group(s), {len(methods)} methods, "
+        passes[bs] = _time_pass(timed, groups, cfg.warmup, device)
+        print(f"batch {bs}: {len(prompts)} prompts in {len(groups)} group(s), {len(timed)} methods, "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if 1 in passes:
         reference = passes[1][HF_METHOD]["answers"]
     else:  # the parent's own greedy answers, one prompt at a time (untimed)
         reference = [methods[0].run([ids])[0][0] for ids in prompt_ids]
-    rows = [_row(m, bs, passes[bs][m.name], reference, tok) for bs in batch_sizes for m in methods]
+    rows = [_row(m, bs, passes[bs][m.name], reference, tok) for bs in batch_sizes for m in methods + lookup
+            if m.name in passes[bs]]
     _add_speed_ratios(rows)
 
     result = {
         "config": asdict(cfg), "model": cfg.model, "base": base_name, "block_size": dlm.config.block_size,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "prompts": prompts,
-        "prompt_tokens": [len(ids) for ids in prompt_ids], "methods": [m.name for m in methods], "rows": rows,
+        "prompt_tokens": [len(ids) for ids in prompt_ids], "methods": [m.name for m in methods + lookup],
+        "rows": rows,
     }
     print(format_table(result))
     if cfg.json_out:
@@ -371,24 +386,23 @@ def format_table(result: dict) -> str:
 
 def plot_decode_bench(result: dict, path: str | Path) -> None:
     """Grouped bars: tokens/s per method (groups) and batch size (bars), each bar annotated with its TPF."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ar2dlm.utils.files import atomic_write
+    from ar2dlm.utils.files import save_figure
 
     methods = result["methods"]
     sizes = sorted({r["batch_size"] for r in result["rows"]})
     by_key = {(r["method"], r["batch_size"]): r for r in result["rows"]}
     fig = Figure(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(sizes)) ** 0.5 + 2), 4.5))
-    FigureCanvasAgg(fig)
     ax = fig.subplots()
     width = 0.8 / len(sizes)
     top = max(r["tokens_per_s"] for r in result["rows"]) or 1.0
     for j, bs in enumerate(sizes):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(methods))]
-        vals = [by_key[(m, bs)]["tokens_per_s"] for m in methods]
-        bars = ax.bar(xs, vals, width, label=f"batch {bs}")
-        for bar, m in zip(bars, methods):
+        present = [(x, m) for x, m in zip(xs, methods) if (m, bs) in by_key]  # prompt lookup: batch 1 only
+        bars = ax.bar([x for x, _ in present], [by_key[(m, bs)]["tokens_per_s"] for _, m in present], width,
+                      label=f"batch {bs}", color=f"C{j}")
+        for bar, (_, m) in zip(bars, present):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01 * top,
                     f"TPF {by_key[(m, bs)]['tpf']:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(methods)))
@@ -401,5 +415,4 @@ def plot_decode_bench(result: dict, path: str | Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"{Path(str(result['model'])).name} (block {result['block_size']}) vs {Path(str(result['base'])).name}"
                  f": {len(result['prompts'])} prompts, {result['device']}, {result['threads']} thread(s)", fontsize=9)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    save_figure(fig, path)

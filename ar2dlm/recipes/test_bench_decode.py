@@ -10,7 +10,7 @@ from ar2dlm.engine import DecodeParams
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
-from ar2dlm.recipes.bench_decode import (AR_METHOD, HF_METHOD, DecodeBenchConfig, parse_batch_sizes,
+from ar2dlm.recipes.bench_decode import (AR_METHOD, HF_METHOD, LOOKUP_METHOD, DecodeBenchConfig, parse_batch_sizes,
                                          parse_policy_specs, run)
 from ar2dlm.testing import tiny_base
 
@@ -41,14 +41,15 @@ def _rows(result, method):
 def test_bench_rows_measured_tpf_agreement_and_files(models, capsys):
     tmp = models["tmp"]
     cfg = DecodeBenchConfig(model=str(models["dlm4"]), prompts=str(models["prompts"]),
-                            policies="threshold:0.9,steps:2", batch_sizes="1,2", decode=SHORT_ANSWERS,
+                            policies="threshold:0.9,steps:2,verify:2", batch_sizes="1,2", decode=SHORT_ANSWERS,
                             block_parallel_too=True, warmup=1, json_out=str(tmp / "bench.json"),
                             plot_out=str(tmp / "bench.png"))
     result = run(cfg)
-    methods = [HF_METHOD, AR_METHOD, "threshold:0.9", "steps:2", "threshold:0.9+bp", "steps:2+bp"]
-    assert result["methods"] == methods
+    methods = [HF_METHOD, AR_METHOD, "threshold:0.9", "steps:2", "verify:2", "threshold:0.9+bp", "steps:2+bp"]
+    assert result["methods"] == methods + [LOOKUP_METHOD]
     assert result["base"] == str(models["parent"])  # the parent recorded in the dLM
-    assert {(r["method"], r["batch_size"]) for r in result["rows"]} == {(m, b) for m in methods for b in (1, 2)}
+    assert {(r["method"], r["batch_size"]) for r in result["rows"]} == \
+        {(m, b) for m in methods for b in (1, 2)} | {(LOOKUP_METHOD, 1)}  # HF assisted generation: batch 1 only
     for r in result["rows"]:
         assert r["tokens"] > 0 and r["wall_s"] > 0 and r["tokens_per_s"] > 0, r["method"]
         assert r["nfe"] > 0 and r["calls"] > 0 and len(r["per_prompt"]) == 3
@@ -69,6 +70,9 @@ def test_bench_rows_measured_tpf_agreement_and_files(models, capsys):
         if bs == 1:
             assert r["calls"] == r["nfe"]
         assert r["vs_ar"] == pytest.approx(1.0)
+    # lossless methods: prompt lookup on the parent, and verify (this dLM's clean stream is the parent's, sharpened)
+    assert _rows(result, LOOKUP_METHOD)[1]["exact_agreement"] == 1.0
+    assert all(r["exact_agreement"] == 1.0 for r in _rows(result, "verify:2").values())
     steps = _rows(result, "steps:2")
     assert steps[1]["tpf"] > 1.0 and steps[1]["nfe"] < steps[1]["tokens"]  # two tokens a forward (blocks of 4)
     for r in result["rows"]:  # the engine's batched rows equal their one-at-a-time results
@@ -80,7 +84,7 @@ def test_bench_rows_measured_tpf_agreement_and_files(models, capsys):
     table = capsys.readouterr().out
     assert "tok/s" in table and "TPF" in table and "steps:2+bp" in table
     saved = json.loads((tmp / "bench.json").read_text())
-    assert len(saved["rows"]) == 12 and saved["prompts"] == ["the quick brown fox", "0 1 2 3 4 5", "def add(a, b):"]
+    assert len(saved["rows"]) == 7 * 2 + 1 and saved["prompts"] == ["the quick brown fox", "0 1 2 3 4 5", "def add(a, b):"]
     assert (tmp / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,7 +92,7 @@ def test_block_size_one_dlm_of_the_parent_agrees_fully(models, capsys):
     cfg = DecodeBenchConfig(model=str(models["dlm1"]), base=str(models["parent"]), prompts=str(models["prompts"]),
                             policies="threshold:0.9,entropy:0.5", batch_sizes="1,3", decode=SHORT_ANSWERS, warmup=0)
     result = run(cfg)
-    assert len(result["rows"]) == 4 * 2
+    assert len(result["rows"]) == 4 * 2 + 1  # + prompt lookup at batch 1
     for method in ("threshold:0.9", "entropy:0.5"):
         for bs, r in _rows(result, method).items():
             assert r["exact_agreement"] == 1.0 and r["leading_agreement"] == 1.0, (method, bs)
