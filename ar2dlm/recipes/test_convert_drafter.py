@@ -41,10 +41,11 @@ def args(base, data, out, steps, extra=()):
             "3e-3", "--save-every", "2", "--device", "cpu", *extra]
 
 
-def cli(argv, env_extra=None) -> subprocess.CompletedProcess:
+def cli(argv, env_extra=None, torchrun: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ar2dlm", *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else []
+    return subprocess.run([sys.executable, *launcher, "-m", "ar2dlm", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
 
 
 def test_drafter_conversion_end_to_end(setup):
@@ -119,3 +120,15 @@ def test_killed_drafter_run_resumes_exactly(setup):
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 7))
+
+
+def test_ddp_drafter_ranks_stay_in_sync(setup):
+    """Every adapter weight gets a gradient on every rank each step (DDP refuses unused parameters)."""
+    base, data, root = setup
+    out = root / "ddp"
+    res = cli(args(base, data, out, 3), torchrun=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    sums = summary["rank_param_checksums"]
+    assert summary["world_size"] == 2 and len(sums) == 2 and sums[0] == sums[1]
+    assert summary["drafter"]["anchors"] > 0
