@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-batching": ("ar2dlm.recipes.bench_batching",
                        "continuous batching vs one request at a time on the same arrival trace (throughput, "
                        "latencies, identical outputs)"),
+    "bench-width": ("ar2dlm.recipes.bench_width",
+                    "the cost of one engine forward at each width (positions fed): read it before picking a draft "
+                    "length or block size"),
     "compare": ("ar2dlm.recipes.compare", "AR parent and dLM answer the same prompts side by side (TPF, agreement)"),
     "generate": ("ar2dlm.recipes.generate",
                  "answer a prompt with the cached decoding engine (text + NFE/TPF/speed)"),

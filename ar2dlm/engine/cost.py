@@ -1,0 +1,57 @@
+"""The cost of one engine forward as a function of how many positions it feeds (its width).
+
+Draft-and-verify and block diffusion both trade wider forwards for fewer of them, so what they gain depends on the
+hardware's cost curve: on a GPU a forward of 8-32 positions costs about one position's, on a CPU the thin matmuls of
+a wide forward run far below the narrow one's speed. `forward_cost` measures the curve through the engine's own model
+runner and KV-cache pool (a cached context, then one forward feeding `width` positions and reading all their logits,
+as the verify policy does), so the numbers are the engine's, not a bare model call's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ar2dlm.engine.plan import Plan
+from ar2dlm.engine.runner import ModelRunner
+
+
+class _Sequence:
+    """The minimal sequence state the runner reads: token ids by position and the cached length."""
+
+    def __init__(self, toks: list[int], cached: int):
+        self.toks, self.cached = toks, cached
+
+
+@torch.no_grad()
+def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int = 200, repeats: int = 5,
+                 seed: int = 0) -> dict[int, float]:
+    """Median seconds of one forward feeding `width` new positions after `context` cached ones, per width."""
+    runner = ModelRunner(dlm)
+    vocab = dlm.backbone.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, vocab - 1, (context + max(widths),), generator=gen).tolist()
+    cache = runner.new_cache(1)
+    cache.reserve(context + max(widths) + 1)
+    cache.allocate()
+    runner.forward(cache, 0, [(_Sequence(toks, 0), Plan(0, context, 0, [context - 1],
+                                                          groups=list(range(context))))])
+    state = _Sequence(toks, context)
+    costs = {}
+    for width in widths:
+        plan = Plan(context, context + width, context, list(range(context, context + width)),
+                    groups=list(range(context, context + width)))
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up this shape
+            if dlm.device.type == "cuda":
+                torch.cuda.synchronize(dlm.device)
+            t0 = time.perf_counter()
+            runner.forward(cache, 0, [(state, plan)])
+            if dlm.device.type == "cuda":
+                torch.cuda.synchronize(dlm.device)
+            times.append(time.perf_counter() - t0)
+        costs[width] = statistics.median(times[1:])
+    return costs

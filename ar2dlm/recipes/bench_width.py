@@ -1,0 +1,99 @@
+"""`ar2dlm bench-width`: what one engine forward costs at each width (positions fed), on this machine.
+
+The figure to read before choosing a draft length or a block size: a forward of `w` positions pays off only when it
+commits more than cost(w) / cost(1) tokens. Prints the curve (ms, x width 1, positions/s), optionally writes it as
+JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.open import MODEL_SPEC_HELP
+from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
+from ar2dlm.utils.files import check_output_file, write_json
+
+
+@dataclass
+class WidthBenchConfig:
+    model: str = field(metadata={"help": MODEL_SPEC_HELP})
+    widths: str = field(default="1,2,4,8,16,32", metadata={"help": "comma-separated forward widths"})
+    context: int = field(default=200, metadata={"help": "cached positions before the measured forward"})
+    repeats: int = field(default=7, metadata={"help": "timed forwards per width (the median is reported)"})
+    device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
+    json_out: str | None = field(default=None, metadata={"help": "write the curve here"})
+    plot_out: str | None = field(default=None, metadata={"help": "plot the curve here (PNG)"})
+
+    def __post_init__(self):
+        self.width_list()
+        if self.context < 1 or self.repeats < 1:
+            raise Ar2dlmError("--context and --repeats must be >= 1")
+        check_output_file(self.json_out, "--json-out")
+        check_output_file(self.plot_out, "--plot-out")
+
+    def width_list(self) -> list[int]:
+        try:
+            widths = [int(w) for w in self.widths.split(",") if w.strip()]
+        except ValueError:
+            raise Ar2dlmError(f"--widths must be comma-separated integers, got {self.widths!r}") from None
+        if not widths or any(w < 1 for w in widths):
+            raise Ar2dlmError(f"--widths must be integers >= 1, got {self.widths!r}")
+        return sorted(set(widths))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, WidthBenchConfig)
+
+
+def config_from_args(args: argparse.Namespace) -> WidthBenchConfig:
+    return dataclass_from_args(WidthBenchConfig, args)
+
+
+def run(cfg: WidthBenchConfig) -> dict:
+    import torch
+
+    from ar2dlm.engine.cost import forward_cost
+    from ar2dlm.model.open import context_length, open_for_decoding
+    from ar2dlm.utils.devices import resolve_device
+
+    device = resolve_device(cfg.device)
+    dlm, _, _ = open_for_decoding(cfg.model, device=device)
+    limit = context_length(dlm)
+    if limit is not None and cfg.context + max(cfg.width_list()) > limit:
+        raise Ar2dlmError(f"--context + the widest forward exceed the model's context window ({limit})")
+    costs = forward_cost(dlm, cfg.width_list(), cfg.context, cfg.repeats)
+    one = costs[min(costs)]
+    curve = [{"width": w, "ms": c * 1000, "x_width_1": c / one, "positions_per_s": w / c} for w, c in costs.items()]
+    result = {"model": cfg.model, "device": str(device), "threads": torch.get_num_threads(), "context": cfg.context,
+              "curve": curve}
+    print(f"{cfg.model} on {device}, {torch.get_num_threads()} thread(s), {cfg.context} cached positions")
+    print(f"{'width':>6}{'ms':>9}{'x w=1':>8}{'positions/s':>13}")
+    for p in curve:
+        print(f"{p['width']:>6}{p['ms']:>9.1f}{p['x_width_1']:>8.2f}{p['positions_per_s']:>13.0f}")
+    if cfg.json_out:
+        write_json(cfg.json_out, result)
+    if cfg.plot_out:
+        plot_curve(result, cfg.plot_out)
+    return result
+
+
+def plot_curve(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    from ar2dlm.utils.files import save_figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    widths = [p["width"] for p in result["curve"]]
+    ax.plot(widths, [p["ms"] for p in result["curve"]], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel("positions fed in one forward (width)")
+    ax.set_ylabel("ms per forward")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{result['model']}: {result['device']}, {result['threads']} thread(s), "
+                 f"{result['context']} cached positions", fontsize=9)
+    save_figure(fig, path)
