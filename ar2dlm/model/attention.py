@@ -165,10 +165,11 @@ def drafter_noisy_mask(
 
 def drafter_flex_mask(
     seq_len: int, block_size: int, lengths: torch.Tensor | None = None, device: torch.device | str = "cuda",
-    noisy_only: bool = False,
+    noisy_only: bool = False, causal_in_block: bool = False,
 ):
     """The drafter rule as a FlexAttention BlockMask: the whole [noisy | clean] layout (2L x 2L), or with
-    `noisy_only` the noisy half over a clean cache (L x 2L, keys [clean | noisy])."""
+    `noisy_only` the noisy half over a clean cache (L x 2L, keys [clean | noisy]), as `drafter_noisy_mask`.
+    (Hugging Face's flex path would add a boolean tensor mask to the scores: flex needs its own BlockMask.)"""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lengths = None if lengths is None else lengths.to(device)
@@ -179,7 +180,7 @@ def drafter_flex_mask(
         else:
             q_pos, q_clean = _layout_index(q, seq_len, clean_first=False)
         kv_pos, kv_clean = _layout_index(kv, seq_len, clean_first=noisy_only)
-        allowed = _drafter_allowed(q_pos, q_clean, kv_pos, kv_clean, block_size)
+        allowed = _drafter_allowed(q_pos, q_clean, kv_pos, kv_clean, block_size, causal_in_block)
         if lengths is None:
             return allowed
         n = lengths[b]

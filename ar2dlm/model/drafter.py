@@ -168,9 +168,9 @@ class GatedDrafterLM(BlockDiffusionLM):
         """The noisy half on top of `cache` (the clean half's K/V, which it extends): hidden states [N, L, H]."""
         n, seq_len = noisy_ids.shape
         block_size = block_size or self.config.block_size
-        if self.attention_backend == "flex" and not causal_in_block:
+        if self.attention_backend == "flex":
             mask = attention.drafter_flex_mask(seq_len, block_size, lengths, device=noisy_ids.device,
-                                               noisy_only=True)
+                                               noisy_only=True, causal_in_block=causal_in_block)
         else:
             mask = attention.drafter_noisy_mask(seq_len, block_size, lengths, noisy_ids.device, causal_in_block)
         pos = torch.arange(seq_len, device=noisy_ids.device).expand(n, -1)

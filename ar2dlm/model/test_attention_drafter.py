@@ -117,17 +117,21 @@ def test_sdpa_over_cache_equals_the_whole_layout():
     torch.testing.assert_close(split, whole[:, :, :seq_len], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("noisy_only", (False, True))
-def test_flex_mask_mod_equals_dense(noisy_only):
+@pytest.mark.parametrize("noisy_only, causal_in_block", [(False, False), (True, False), (True, True)])
+def test_flex_mask_mod_equals_dense(noisy_only, causal_in_block):
     from torch.nn.attention.flex_attention import create_mask
 
     for seq_len, block_size, lengths in [(7, 3, None), (13, 4, [13, 9, 2]), (12, 16, [5])]:
         lt = None if lengths is None else torch.tensor(lengths)
-        bm = drafter_flex_mask(seq_len, block_size, lt, device="cpu", noisy_only=noisy_only)
+        bm = drafter_flex_mask(seq_len, block_size, lt, device="cpu", noisy_only=noisy_only,
+                               causal_in_block=causal_in_block)
         batch = 1 if lt is None else len(lengths)
         q_len = seq_len if noisy_only else 2 * seq_len
         got = create_mask(bm.mask_mod, batch, 1, q_len, 2 * seq_len, device="cpu")
-        want = (drafter_noisy_mask if noisy_only else drafter_dense_mask)(seq_len, block_size, lt)
+        if noisy_only:
+            want = drafter_noisy_mask(seq_len, block_size, lt, causal_in_block=causal_in_block)
+        else:
+            want = drafter_dense_mask(seq_len, block_size, lt)
         assert torch.equal(got, want.expand(batch, -1, -1, -1))
 
 

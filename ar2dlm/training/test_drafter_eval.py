@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ar2dlm.model.drafter import GatedDrafterLM
@@ -101,3 +102,27 @@ def test_probes_from_batches_use_the_parent_rollout():
     assert probe.greedy[0, 9:12].tolist() == parent_greedy(parent, clean[0, :8], 4)[1:]
     stats = draft_acceptance(drafter, [probe])
     assert stats["draft_anchors"] == 4 and 0 <= stats["draft_accepted"] <= 3
+
+
+# Each layout has its own shapes; a recompile with dynamic shapes hits a torch CPU codegen error in the flex
+# template (torch 2.13: cur_kvSplitSize0 undeclared), so every shape compiles statically here.
+@torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+def test_rollout_and_acceptance_under_flex_attention_equal_sdpa():
+    """The flex backend (the CUDA default) needs BlockMasks for the rollout's block-causal passes too."""
+    from ar2dlm.model.test_attention import _compiler_errors
+
+    _, drafter, _ = setup(sharpen=1.0)
+    clean = torch.randint(0, 290, (2, 64), generator=torch.Generator().manual_seed(3))  # 2L = 128, see test_attention
+    probe = DraftProbe(clean, torch.tensor([64, 64]), torch.ones_like(clean, dtype=torch.bool), clean)
+    probe.anchors[:, 1:] = torch.arange(1, 64) % BLOCK == 0
+    probe.anchors[:, 0] = False
+    want = greedy_rollout(drafter, clean, BLOCK), draft_acceptance(drafter, [probe])
+    drafter.set_attention_backend("flex")
+    try:
+        got = greedy_rollout(drafter, clean, BLOCK), draft_acceptance(drafter, [probe])
+    except _compiler_errors() as e:
+        pytest.skip(f"transformers' flex_attention path cannot run here: {type(e).__name__}: {e}")
+    finally:
+        drafter.set_attention_backend("sdpa")
+    assert torch.equal(got[0], want[0])
+    assert got[1] == want[1]
