@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,33 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "ar2dlm", "report", "missing.json"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "ar2dlm: error: missing.json: results file not found"
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("generate", ["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+    ("chat", ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ("eval", ["--task", "gsm8k", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    ("compare", ["--cache-delay", "0"], "--max-open-blocks and --cache-delay must be >= 1, --refresh-every >= 0"),
+    ("bench-batching", ["--p-add", "2"], "--p-add must be in [0, 1], got 2.0"),
+    ("generate", ["--tau", "2"], "threshold --tau must be in [0, 1], got 2.0"),
+    ("generate", ["--policy", "steps", "--steps-per-forward", "0"], "needs --steps-per-forward >= 1"),
+    ("generate", ["--policy", "ar", "--block-parallel"], "--block-parallel decoding needs"),
+])
+def test_decoding_errors_name_the_flag_the_user_typed(tmp_path, capsys, command, extra, message):
+    """DecodeParams validates field values (`max_new_tokens`); on the command line the error names the flag."""
+    needs = {"generate": ["--prompt", "p"]}.get(command, [])
+    assert main([command, "--model", str(tmp_path / "no-model"), *needs, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ar2dlm: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_each_default_once_and_never_none(command, capsys):
+    if getattr(importlib.import_module(COMMANDS[command][0]), "REST_ARGS", False):
+        pytest.skip("its help is lm_eval's own")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "default: None" not in text and "(default: )" not in text
+    doubled = re.findall(r"\(default: [^)]*\) \(default: [^)]*\)", text)
+    assert not doubled, doubled

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,9 +216,34 @@ def add_decode_args(parser: argparse.ArgumentParser, defaults: dict | None = Non
 
 
 def decode_params_from_args(args: argparse.Namespace, **fixed) -> DecodeParams:
-    """The DecodeParams of parsed options (fields a command skipped come from `fixed` or the defaults)."""
+    """The DecodeParams of parsed options (fields a command skipped come from `fixed` or the defaults). A value the
+    validation refuses is reported with the flag the user typed (`--max-new-tokens`), not the field name."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeParams)
               if f.metadata.get("cli", True) and hasattr(args, f.name)}
     if values.get("stop_strings") is None:
         values.pop("stop_strings", None)
-    return DecodeParams(**values, **fixed)
+    try:
+        return DecodeParams(**values, **fixed)
+    except Ar2dlmError as e:
+        raise Ar2dlmError(_with_flags(str(e), [name for name in values if name not in fixed])) from None
+
+
+# The words the validators (here and in policies.py) use for a field, where they are not just its name. `policy`
+# has none: the word is plain English there ("steps policy needs ..."), and argparse's choices refuse a bad --policy.
+_MESSAGE_WORDS = {"block_parallel": ("block_parallel", "block-parallel"), "stop_strings": ("stop strings",),
+                  "steps_per_forward": ("steps_per_forward", "k"), "policy": ()}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a field, as add_dataclass_args names it."""
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
+def _with_flags(message: str, names: list[str]) -> str:
+    """`message` with each of the named fields (those the user could type) written as its flag."""
+    by_name = {f.name: f for f in dataclasses.fields(DecodeParams)}
+    for name in names:
+        for word in _MESSAGE_WORDS.get(name, (name,)):
+            # whole words only, and never a word already written as a flag (`--tau`) or part of another (`top_k`)
+            message = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", _flag(by_name[name]), message)
+    return message

@@ -18,6 +18,14 @@ def _base_type(tp):
     return tp, False
 
 
+def _shown_default(help_text: str, default, required: bool) -> str:
+    """` (default: X)` for the help text; nothing when there is no default to show, or when the help already says
+    what the default means in words (`(default: built-in)` stays the only one)."""
+    if required or default in (None, ()) or "(default:" in help_text:
+        return ""
+    return f" (default: {default})"
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None,
                        title: str | None = None) -> None:
     """Add `--field-name` for every field of `cls`; help comes from field metadata['help'], the flag name from
@@ -34,10 +42,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         tp, repeated = _base_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = defaults.get(f.name, None if required else f.default)
-        shown = "" if required or default in (None, ()) else f" (default: {default})"
+        shown = _shown_default(help_text, default, required)
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=f"{help_text} (default: {default})")
+                               help=f"{help_text}{shown}")
         elif repeated:
             group.add_argument(flag, dest=f.name, type=tp, action="append", default=None, help=help_text)
         else:
