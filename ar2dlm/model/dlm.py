@@ -13,6 +13,8 @@ time is the last logit of the forward that committed that block. Off, the logit 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -28,6 +30,23 @@ DEFAULT_MASK_TOKEN = "<|mdm_mask|>"
 DLM_CONFIG_FILE = "dlm_config.json"
 MASK_ROW_FILE = "mask_embedding.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+@functools.cache
+def cache_keyword(decoder_class: type) -> str:
+    """The name a decoder's forward takes its KV cache under: `cache` since transformers renamed it (the old
+    `past_key_values` still works there, but prints a FutureWarning on every call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def with_cache_keyword(decoder_class: type, kwargs: dict) -> dict:
+    """`kwargs` with a `past_key_values` entry passed under the name this transformers release uses."""
+    name = cache_keyword(decoder_class)
+    if name == "past_key_values" or "past_key_values" not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs[name] = kwargs.pop("past_key_values")
+    return kwargs
 
 
 @dataclass
@@ -239,7 +258,8 @@ class BlockDiffusionLM(nn.Module):
         """The backbone's decoder (no LM head) on `input_ids`; kwargs go to it (attention_mask, position_ids,
         past_key_values, use_cache, ...). The decoding engine's model runner calls this, so a subclass that must see
         the fed ids (the gated drafter) hooks in here."""
-        return self._decoder()(inputs_embeds=self.embed(input_ids), **kwargs)
+        decoder = self._decoder()
+        return decoder(inputs_embeds=self.embed(input_ids), **with_cache_keyword(type(decoder), kwargs))
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Plain causal-LM style call (used by decoders): logits for every position, mask token ruled out."""

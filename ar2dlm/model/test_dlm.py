@@ -80,6 +80,27 @@ def test_forward_is_causal_lm_call():
     assert (logits.argmax(-1) != model.config.mask_token_id).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_kv_cache_goes_under_the_decoders_own_keyword_without_a_warning(family):
+    """The engine hands its cache over as `past_key_values`; transformers releases that renamed it `cache` warn on
+    every forward given the old name (issue 13), so decoder_output passes it under whichever name the decoder takes."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    model, ar, tok = _dlm(family, block_size=1)
+    ids = _ids(1, 6, ar.config.vocab_size, seed=4)
+    cache = DynamicCache(config=model.hf_config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.decoder_output(ids[:, :4], past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 4  # the decoder filled the cache it was given
+        step = model.decoder_output(ids[:, 4:], past_key_values=cache, use_cache=True,
+                                    position_ids=torch.arange(4, 6)[None]).last_hidden_state
+    full = model.decoder_output(ids).last_hidden_state
+    torch.testing.assert_close(step, full[:, 4:], atol=ATOL, rtol=ATOL)
+
+
 # ------------------------------------------------------------------------------------------- the layout
 @pytest.mark.parametrize("block_size", (1, 3, 4))
 def test_clean_copy_ignores_noisy_copy_and_is_block_causal(block_size):
