@@ -33,6 +33,15 @@ def is_dlm_folder(path: str | Path) -> bool:
         return False
 
 
+def check_not_run_folder(spec: str | Path, flag: str = "--model") -> None:
+    """Refuse a training run's folder given where its model is meant (`runs/X` for `runs/X/model`): loading it
+    would fail deep inside transformers ("Unrecognized model ... model_type")."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and not is_dlm_folder(path) and (
+            is_dlm_folder(path / "model") or (path / "model" / "config.json").exists()):
+        raise Ar2dlmError(f"{flag} {spec} is a run folder, not a model: did you mean {Path(spec) / 'model'}?")
+
+
 def _looks_local(spec: str) -> bool:
     """A path rather than a hub id (`owner/name`) or an embedded name: a missing one is a typo, not a download."""
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (
@@ -48,6 +57,7 @@ def open_for_decoding(spec: str, device=None, what: str = "model"):
     path = Path(spec).expanduser()
     if spec not in EMBEDDED_MODELS and not path.exists() and _looks_local(spec):
         raise Ar2dlmError(f"{what} not found: {spec}")
+    check_not_run_folder(spec, "--model" if what == "model" else what)
     target = "cpu" if device is None else device
     if is_dlm_folder(path):
         dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=target)

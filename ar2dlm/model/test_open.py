@@ -8,7 +8,7 @@ import torch
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, DLMConfig
 from ar2dlm.model.loading import load_base
-from ar2dlm.model.open import context_length, is_dlm_folder, open_for_decoding, parent_spec
+from ar2dlm.model.open import check_not_run_folder, context_length, is_dlm_folder, open_for_decoding, parent_spec
 from ar2dlm.testing import tiny_base
 
 
@@ -45,6 +45,18 @@ def test_an_ar_model_is_a_block_size_one_dlm_and_its_own_parent(folders):
 def test_missing_local_model_names_what_is_missing(tmp_path):
     with pytest.raises(Ar2dlmError, match="AR parent not found"):
         open_for_decoding(str(tmp_path / "gone"), what="AR parent")
+
+
+def test_a_run_folder_given_as_the_model_points_at_its_model_folder(folders, tmp_path):
+    run = tmp_path / "runs" / "X"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "model").symlink_to(folders["dlm"], target_is_directory=True)
+    with pytest.raises(Ar2dlmError, match=f"is a run folder, not a model: did you mean {run / 'model'}\\?"):
+        open_for_decoding(str(run))
+    check_not_run_folder(run / "model")  # the model folder itself, an AR folder and a missing path are fine
+    check_not_run_folder(folders["base"])
+    check_not_run_folder(tmp_path / "missing")
 
 
 def test_a_dlm_without_a_recorded_parent_needs_base():

@@ -246,11 +246,12 @@ def _load_models(cfg: DecodeBenchConfig, device: torch.device):
     engine (wrapping adds the mask token's row, which must not touch HF generate's model)."""
     from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.model.loading import load_base
-    from ar2dlm.model.open import open_for_decoding, parent_spec
+    from ar2dlm.model.open import check_not_run_folder, open_for_decoding, parent_spec
 
     path = Path(cfg.model).expanduser()
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM folder at {cfg.model}")
+    check_not_run_folder(cfg.model)
     dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=device)
     base_name = parent_spec(dlm, cfg.base)
     parent, parent_tok = load_base(base_name, device=device)

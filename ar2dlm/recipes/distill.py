@@ -24,7 +24,7 @@ from ar2dlm.distillation.samples import SampleConfig, block_size_at, build_micro
 from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajectories, write_trajectories
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
-from ar2dlm.model.open import parent_spec
+from ar2dlm.model.open import check_not_run_folder, parent_spec
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig, TrainConfig, option
 from ar2dlm.training.optim import build_optimizer
@@ -188,6 +188,7 @@ def prepare_trajectories(cfg: DistillConfig, dlm: BlockDiffusionLM, tokenizer, i
         if not path.exists():
             teacher = dlm
             if cfg.teacher:
+                check_not_run_folder(cfg.teacher, "--teacher")
                 teacher, _ = BlockDiffusionLM.from_pretrained(cfg.teacher, device=dlm.device)
                 if teacher.config.block_size != dlm.config.block_size:
                     raise Ar2dlmError(f"teacher block size {teacher.config.block_size} != student's "
@@ -224,6 +225,7 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     path = Path(cfg.model)
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM checkpoint at {path} (convert a model first: ar2dlm convert)")
+    check_not_run_folder(cfg.model)
     dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, merge_lora=not cfg.lora_rank, device=device)
     if cfg.lora_rank and not dlm.is_lora:
         dlm.config.base_model = str(path.resolve())  # the adapter then loads on top of the student checkpoint
