@@ -45,7 +45,8 @@ class ChatSession:
     def __init__(self, engine: Engine, config: DecodeParams, system: str | None = None):
         tokenizer = engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise Ar2dlmError("chat needs a tokenizer with a chat template")
+            raise Ar2dlmError("chat needs a tokenizer with a chat template (for a plain continuation: ar2dlm "
+                              "generate --raw)")
         self.engine, self.tokenizer, self.config, self.system = engine, tokenizer, config, system
         self.turns: list[tuple[str, str]] = []  # (user, assistant)
 

@@ -40,10 +40,36 @@ def test_generate_cli(tmp_path, tok, capsys):
     assert "tau" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, chat", [([], True), (["--chat"], True), (["--raw"], False)])
+def test_generate_applies_the_chat_template_unless_raw(tmp_path, capsys, monkeypatch, extra, chat):
+    """An instruct model given bare text mostly ends its turn at once (issue 13: blank output), so the template is
+    the default where the tokenizer has one; --raw is the plain continuation, --chat is still accepted."""
+    from ar2dlm.cli import main
+    from ar2dlm.recipes import generate
+    from ar2dlm.testing import tiny_base
+
+    encoded = []
+    monkeypatch.setattr(generate, "encode_prompt", lambda tok, text, chat: encoded.append(chat) or [5, 6, 7])
+    assert main(["generate", "--model", str(tiny_base(tmp_path)), "--prompt", "hi", "--policy", "ar",
+                 "--max-new-tokens", "2", *extra]) == 0
+    assert encoded == [chat]
+
+
+def test_generate_without_a_template_continues_the_text(tok):
+    from ar2dlm.recipes.generate import GenerateConfig
+
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    assert not GenerateConfig(model="m", prompt="p").use_chat_template(plain)
+    assert GenerateConfig(model="m", prompt="p", chat=True).use_chat_template(plain)  # then encode_prompt refuses
+    assert GenerateConfig(model="m", prompt="p").use_chat_template(tok)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--json-out", "{tmp}"], "--json-out"),  # a folder: refused before the model loads, not after the answer
     (["--json-out", "{tmp}/a_file/g.json"], "is a file, not a folder"),
-    (["--stop", ""], "stop strings must be non-empty"),  # was silently ignored
+    (["--stop", ""], "--stop must be non-empty"),  # was silently ignored
+    (["--chat", "--raw"], "--chat and --raw exclude each other"),
 ])
 def test_generate_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, message):
     from ar2dlm.cli import main
