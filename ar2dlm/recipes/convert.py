@@ -10,7 +10,6 @@ exact, the loss is the drafter objective's, and the held-out check adds the draf
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import asdict
@@ -31,7 +30,7 @@ from ar2dlm.training.drafter_job import drafter_heldout, drafter_micro, drafter_
 from ar2dlm.training.drafter_objective import DrafterObjective
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
-from ar2dlm.training.runs import finish_run, prepare_dlm
+from ar2dlm.training.runs import complete_run, finish_run, prepare_dlm, print_summary
 from ar2dlm.training.selfgen import generate_self_corpus, self_corpus_path
 from ar2dlm.training.trainer import MaskedBatch, Trainer, check_run_folder
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -87,7 +86,7 @@ def run(cfg: ConvertConfig) -> dict:
     with distributed.session(cfg.device) as (info, device):
         summary = _convert(cfg, info, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
+        print_summary(summary)
         for s in summary.get("samples", []):
             print(f"[guess|truth] {s['correct']}/{s['masked']} correct: {s['text']!r}")
     return summary
@@ -154,7 +153,7 @@ def _convert(cfg: ConvertConfig, info, device) -> dict:
         summary["drafter"] = drafter_summary(cfg, trainer.state["before"], after)
     if info.is_main:
         summary["samples"] = fill_in_samples(final, tokenizer, trainer.heldout[:1], n=3)
-        write_json(out / "summary.json", summary)
+    complete_run(cfg, summary, info)
     distributed.barrier()
     return summary
 

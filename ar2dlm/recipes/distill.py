@@ -9,7 +9,6 @@ shared trainer (accumulation, DDP, checkpoints, exact resume, metrics, plot).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from ar2dlm.model.open import check_not_run_folder, parent_spec
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig, TrainConfig, option
 from ar2dlm.training.optim import build_optimizer
-from ar2dlm.training.runs import finish_run, prepare_dlm
+from ar2dlm.training.runs import complete_run, finish_run, prepare_dlm, print_summary
 from ar2dlm.training.selfgen import generate_self_corpus, self_corpus_path
 from ar2dlm.training.trainer import Trainer, check_run_folder
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -214,7 +213,7 @@ def run(cfg: DistillConfig) -> dict:
     with distributed.session(cfg.device) as (info, device):
         summary = _distill(cfg, info, device)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+        print_summary(summary)
     return summary
 
 
@@ -268,7 +267,6 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     summary = finish_run(cfg, trainer, after, dlm, tokenizer, title=title)
     summary.update(block_sizes=list(sizes), trajectories=len(trajs), generated_tokens=sum(sum(t.maskable) for t in trajs),
                    sample_config=asdict(scfg))
-    if info.is_main:
-        write_json(out / "summary.json", summary)
+    complete_run(cfg, summary, info)
     distributed.barrier()
     return summary

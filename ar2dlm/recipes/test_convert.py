@@ -46,7 +46,7 @@ def small_config(base, data, out, **kw) -> ConvertConfig:
     return ConvertConfig(**args)
 
 
-def test_conversion_learns_and_writes_outputs(setup):
+def test_conversion_learns_and_writes_outputs(setup, capsys):
     base, data, root = setup
     out = root / "run-basic"
     summary = run(small_config(base, data, out))
@@ -55,18 +55,32 @@ def test_conversion_learns_and_writes_outputs(setup):
     assert after["heldout_acc"] > before["heldout_acc"]
     for name in ("metrics.jsonl", "loss.png", "summary.json", "config.json", "model/config.json"):
         assert (out / name).is_file(), name
+    # a finished run drops its resume checkpoint (1.6 GB on SmolLM2, issue 13)
+    assert not (out / "checkpoint").exists() and not list(out.glob(".checkpoint*"))
+    # and says what it learned in plain words, not as raw JSON
+    printed = capsys.readouterr().out
+    assert f"held-out masked-token accuracy {before['heldout_acc']:.1%} -> {after['heldout_acc']:.1%}" in printed
+    assert "30 steps" in printed and "--max-steps reached" in printed
+    assert "rank_param_checksums" not in printed and "{" not in printed
     dlm, tok = BlockDiffusionLM.from_pretrained(out / "model")
     assert dlm.config.block_size == 4 and dlm.config.mask_token_id == len(tok) - 1
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))
 
 
-def test_existing_run_needs_resume_flag(setup):
+def test_existing_run_is_never_overwritten(setup):
     base, data, root = setup
-    out = root / "run-twice"
-    run(small_config(base, data, out, max_steps=2, save_every=1))
+    kept = root / "run-kept"
+    run(small_config(base, data, kept, max_steps=2, save_every=1, keep_checkpoint=True))
+    assert (kept / "checkpoint" / "state.pt").is_file()
     with pytest.raises(Ar2dlmError, match="--resume"):
-        run(small_config(base, data, out, max_steps=2))
+        run(small_config(base, data, kept, max_steps=2))
+    dropped = root / "run-dropped"
+    run(small_config(base, data, dropped, max_steps=2, save_every=1))
+    with pytest.raises(Ar2dlmError, match="already holds a finished run: remove it"):
+        run(small_config(base, data, dropped, max_steps=2))
+    with pytest.raises(Ar2dlmError, match="finished run whose checkpoint was dropped"):
+        run(small_config(base, data, dropped, max_steps=4, resume=True))
     with pytest.raises(Ar2dlmError, match="no checkpoint"):
         run(small_config(base, data, root / "never-ran", resume=True))
 
@@ -101,7 +115,7 @@ def test_killed_run_resumes_exactly(setup):
     killed = root / "killed"
     res = _cli(_args(base, data, killed), env_extra={"AR2DLM_FAULT_AT_STEP": "5"})
     assert res.returncode != 0  # SIGKILL after step 5: the last checkpoint holds step 4
-    assert not (killed / "model").exists()
+    assert not (killed / "model").exists() and (killed / "checkpoint" / "state.pt").is_file()  # unfinished: kept
     res = _cli(_args(base, data, killed, extra=["--resume"]))
     assert res.returncode == 0, res.stderr[-2000:]
 

@@ -42,6 +42,7 @@ def test_distill_runs_and_writes_everything(student, tmp_path):
     summary = run(_cfg(student, tmp_path / "run"))
     out = tmp_path / "run"
     assert (out / "trajectories.jsonl").exists() and (out / "loss.png").exists()
+    assert (out / "summary.json").exists() and not (out / "checkpoint").exists()  # dropped once finished
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "masked_acc", "ce", "entropy", "fraction"} <= set(rows[1])
     assert all(torch.isfinite(torch.tensor([r["loss"], r["entropy"], r["grad_norm"]])).all() for r in rows if "loss" in r)
@@ -74,10 +75,12 @@ def test_kill_and_resume_is_exact(student, tmp_path):
     killed = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "k"), *args],
                             env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "k" / "checkpoint" / "state.pt").is_file()  # unfinished: the checkpoint stays for --resume
     env.pop("AR2DLM_FAULT_AT_STEP")
     resumed = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "k"), "--resume",
                               *args], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "held-out trajectory-masked accuracy" in resumed.stdout and not (tmp_path / "k" / "checkpoint").exists()
     straight = subprocess.run([sys.executable, "-m", "ar2dlm", "distill", "--output", str(tmp_path / "s"), *args],
                               env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]

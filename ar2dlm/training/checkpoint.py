@@ -8,6 +8,7 @@ the Hugging Face checkpoint written at the end.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +58,15 @@ def save(folder: Path, *, module: nn.Module, optimizer, trainer_state: dict, fsd
 
 def exists(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file()
+
+
+def remove(folder: Path) -> None:
+    """Delete the checkpoint and what interrupted saves left beside it (`atomic_dir`'s `.checkpoint.*.tmp` and
+    `.checkpoint.old`, as large as the checkpoint itself)."""
+    folder = Path(folder)
+    leftovers = [*folder.parent.glob(f".{folder.name}.*.tmp"), folder.with_name(f".{folder.name}.old")]
+    for path in (folder, *leftovers):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load(folder: Path, *, module: nn.Module, optimizer, fsdp: bool) -> dict:

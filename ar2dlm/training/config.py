@@ -37,6 +37,8 @@ class TrainConfig:
     eval_every: int = option(0, "steps between held-out evaluations (0: only before and after)")
     save_every: int = option(25, "steps between resumable checkpoints")
     resume: bool = option(False, "continue from the checkpoint in the output folder")
+    keep_checkpoint: bool = option(False, "keep the resumable checkpoint/ (weights and optimizer state, about 3x the "
+                                          "model) once the run has finished; it is always kept while it is unfinished")
     device: str = option("auto", "cpu, cuda or auto")
 
     def __post_init__(self):

@@ -1,5 +1,6 @@
 """What the training jobs (`convert`, `distill`) share around the trainer: the model made ready to train, and the end
-of a run (the final model saved, the loss plot drawn, the summary built).
+of a run (the final model saved, the loss plot drawn, the summary built, written and shown, the resume checkpoint
+dropped).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import torch
 
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import resolve_model_source
+from ar2dlm.training import checkpoint
 from ar2dlm.training.metrics import plot_loss
+from ar2dlm.training.summary import SUMMARY_FILE, summary_lines
 from ar2dlm.training.trainer import Trainer, gather
+from ar2dlm.utils.files import write_json
 
 
 def prepare_dlm(cfg, device, backbone, tokenizer, dlm: BlockDiffusionLM | None = None) -> BlockDiffusionLM:
@@ -47,6 +51,23 @@ def finish_run(cfg, trainer: Trainer, after: dict, final, tokenizer, title: str)
         final.save_pretrained(out / "model", tokenizer)
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
     return summary
+
+
+def complete_run(cfg, summary: dict, info) -> None:
+    """The main rank's last act: write summary.json, then drop the resume checkpoint (weights plus optimizer state,
+    about 3x the model: 1.6 GB beside a 517 MB SmolLM2 dLM) unless --keep-checkpoint. In that order, a crash
+    between the two leaves a finished run with a stale checkpoint, never an unfinished run without one."""
+    if not info.is_main:
+        return
+    out = Path(cfg.output)
+    write_json(out / SUMMARY_FILE, summary)
+    if not cfg.keep_checkpoint:
+        checkpoint.remove(out / "checkpoint")
+
+
+def print_summary(summary: dict) -> None:
+    """The run's result in plain lines (summary.json keeps every number)."""
+    print("\n".join(summary_lines(summary)))
 
 
 @torch.no_grad()

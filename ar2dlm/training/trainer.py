@@ -28,6 +28,7 @@ from ar2dlm.errors import Ar2dlmError
 from ar2dlm.training import checkpoint, distributed
 from ar2dlm.training.metrics import MetricsLog
 from ar2dlm.training.optim import lr_factor, progress, set_lr
+from ar2dlm.training.summary import SUMMARY_FILE
 from ar2dlm.utils.files import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,20 @@ def gather(obj, info) -> list:
 
 
 def check_run_folder(cfg) -> None:
-    """Refuse to overwrite a run, or to resume one that is not there (before any expensive work)."""
+    """Refuse to overwrite a run, or to resume one that is not there (before any expensive work). A finished run
+    has dropped its checkpoint (unless --keep-checkpoint), so its summary is what marks it."""
     out = Path(cfg.output)
     check_output_dir(out, "--output")
-    if cfg.resume and not checkpoint.exists(out / "checkpoint"):
+    has_checkpoint, finished = checkpoint.exists(out / "checkpoint"), (out / SUMMARY_FILE).is_file()
+    if cfg.resume and not has_checkpoint:
+        if finished:
+            raise Ar2dlmError(f"{out} holds a finished run whose checkpoint was dropped (--keep-checkpoint keeps "
+                              f"it): nothing to resume; choose another --output")
         raise Ar2dlmError(f"--resume given but there is no checkpoint in {out / 'checkpoint'}")
-    if not cfg.resume and checkpoint.exists(out / "checkpoint"):
+    if not cfg.resume and has_checkpoint:
         raise Ar2dlmError(f"{out} already holds a run: pass --resume to continue it, or choose another --output")
+    if not cfg.resume and finished:
+        raise Ar2dlmError(f"{out} already holds a finished run: remove it to run again, or choose another --output")
 
 
 def autocast_for(device: torch.device):
