@@ -21,6 +21,11 @@ from ar2dlm.evaluation.agreement import leading_agreement, load_prompts, trim_at
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 from ar2dlm.utils.files import check_output_file, write_json
 
+# One line under the table, so the columns need no documentation hunt.
+LEGEND = ("threshold: the dLM commits the tokens more confident than this (at least one a forward); TPF: tokens per "
+          "forward (1.00 = no parallelism); exact agree: prompts answered exactly as the parent did; leading agree: "
+          "mean share of the answer both begin with alike")
+
 DECODE_DEFAULTS = {"max_new_tokens": 96}
 DECODE_SKIP = ("policy", "tau")  # the threshold policy, at every --thresholds value
 
@@ -127,6 +132,7 @@ def run(cfg: CompareConfig) -> dict:
     for s in summary["per_threshold"]:
         print(f"{s['threshold']:>9}{s['tpf']:>7.2f}{s['tokens_per_s']:>10.1f}{s['exact_agreement']:>12.0%}"
               f"{s['leading_agreement']:>14.0%}")
+    print(LEGEND)
     result = {"config": asdict(cfg), "summary": summary, "rows": rows}
     if cfg.json_out:
         write_json(cfg.json_out, result)

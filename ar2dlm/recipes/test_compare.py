@@ -10,7 +10,7 @@ from ar2dlm.engine import DecodeParams
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base
-from ar2dlm.recipes.compare import CompareConfig, add_arguments, config_from_args, run
+from ar2dlm.recipes.compare import LEGEND, CompareConfig, add_arguments, config_from_args, run
 from ar2dlm.testing import tiny_base
 
 
@@ -37,7 +37,7 @@ def test_bad_thresholds():
         CompareConfig(thresholds="1.2")
 
 
-def test_compare_runs_side_by_side(tmp_path):
+def test_compare_runs_side_by_side(tmp_path, capsys):
     base = tiny_base(tmp_path)
     model, tok = load_base(str(base))
     dlm = BlockDiffusionLM.from_base(model, tok, block_size=1, base_model=str(base))
@@ -50,6 +50,7 @@ def test_compare_runs_side_by_side(tmp_path):
     # block size 1 without training is the AR model itself: identical answers, one token per forward
     assert s["exact_agreement"] == 1.0 and s["tpf"] == 1.0
     assert (tmp_path / "cmp.json").is_file() and result["summary"]["prompts"] == 2
+    assert capsys.readouterr().out.rstrip().endswith(LEGEND)  # every column explained under the table
 
 
 def test_decoding_options_reach_the_dlm_and_max_new_tokens_defaults_to_96():
