@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -241,7 +242,17 @@ def _time_pass(methods: list[_Method], groups: list[list[list[int]]], warmup: in
 
 
 # --------------------------------------------------------------------------------------------------------- run
-def _load_models(cfg: DecodeBenchConfig, device: torch.device):
+class _Models(NamedTuple):
+    dlm: Any
+    tok: Any
+    parent: Any  # the AR parent, for HF generate
+    parent_tok: Any
+    wrapped: Any  # a second copy of the parent, as a block-size-1 dLM for our engine
+    wrapped_tok: Any
+    base_name: str
+
+
+def _load_models(cfg: DecodeBenchConfig, device: torch.device) -> _Models:
     """The dLM, the AR parent for HF generate, and a second copy of the parent wrapped as a block-size-1 dLM for our
     engine (wrapping adds the mask token's row, which must not touch HF generate's model)."""
     from ar2dlm.model.dlm import BlockDiffusionLM
@@ -256,7 +267,7 @@ def _load_models(cfg: DecodeBenchConfig, device: torch.device):
     base_name = parent_spec(dlm, cfg.base)
     parent, parent_tok = load_base(base_name, device=device)
     wrapped, wrapped_tok, _ = open_for_decoding(base_name, device=device, what="AR parent")
-    return dlm.eval(), tokenizer, parent.eval(), parent_tok, wrapped, wrapped_tok, base_name
+    return _Models(dlm.eval(), tokenizer, parent.eval(), parent_tok, wrapped, wrapped_tok, base_name)
 
 
 def _prompt_ids(prompts: list[str], tok, parent, parent_tok, max_new_tokens: int) -> list[list[int]]:
@@ -308,13 +319,12 @@ def _add_speed_ratios(rows: list[dict]) -> None:
             row[key] = row["tokens_per_s"] / base if base else None
 
 
-def run(cfg: DecodeBenchConfig) -> dict:
-    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
-    prompts = load_prompts(cfg.prompts)
-    device = resolve_device(cfg.device)
-    dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = _load_models(cfg, device)
+def _build_methods(cfg: DecodeBenchConfig, specs: list[DecodeParams], models: _Models,
+                   device: torch.device) -> tuple[list[_Method], list[_Method]]:
+    """The methods timed at every batch size (HF generate, our ar on the parent, each dLM spec) and those timed at
+    batch size 1 only (HF prompt lookup, when asked for)."""
+    dlm, tok, parent, parent_tok, wrapped, wrapped_tok, base_name = models
     max_new = cfg.decode.max_new_tokens
-    prompt_ids = _prompt_ids(prompts, tok, parent, parent_tok, max_new)
     stops = default_stop_ids(tok)
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 
@@ -328,29 +338,52 @@ def run(cfg: DecodeBenchConfig) -> dict:
 
     lookup = [_hf_method(parent, stops, pad_id, max_new, device, base_name, parent_calls, cfg.prompt_lookup)] \
         if cfg.prompt_lookup else []
+    return methods, lookup
+
+
+def _time_batch_sizes(methods: list[_Method], lookup: list[_Method], prompt_ids: list[list[int]],
+                      batch_sizes: list[int], warmup: int, device: torch.device) -> dict[int, dict]:
+    """One timed pass per batch size (see `_time_pass`), its duration reported on stderr."""
     passes: dict[int, dict] = {}
     for bs in batch_sizes:
         groups = [prompt_ids[i:i + bs] for i in range(0, len(prompt_ids), bs)]
         timed = methods + (lookup if bs == 1 else [])  # HF assisted generation takes one sequence at a time
         t0 = time.perf_counter()
-        passes[bs] = _time_pass(timed, groups, cfg.warmup, device)
-        print(f"batch {bs}: {len(prompts)} prompts in {len(groups)} group(s), {len(timed)} methods, "
+        passes[bs] = _time_pass(timed, groups, warmup, device)
+        print(f"batch {bs}: {len(prompt_ids)} prompts in {len(groups)} group(s), {len(timed)} methods, "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return passes
+
+
+def run(cfg: DecodeBenchConfig) -> dict:
+    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
+    prompts = load_prompts(cfg.prompts)
+    device = resolve_device(cfg.device)
+    models = _load_models(cfg, device)
+    prompt_ids = _prompt_ids(prompts, models.tok, models.parent, models.parent_tok, cfg.decode.max_new_tokens)
+    methods, lookup = _build_methods(cfg, specs, models, device)
+    passes = _time_batch_sizes(methods, lookup, prompt_ids, batch_sizes, cfg.warmup, device)
     if 1 in passes:
         reference = passes[1][HF_METHOD]["answers"]
     else:  # the parent's own greedy answers, one prompt at a time (untimed)
         reference = [methods[0].run([ids])[0][0] for ids in prompt_ids]
-    rows = [_row(m, bs, passes[bs][m.name], reference, tok) for bs in batch_sizes for m in methods + lookup
+    rows = [_row(m, bs, passes[bs][m.name], reference, models.tok) for bs in batch_sizes for m in methods + lookup
             if m.name in passes[bs]]
     _add_speed_ratios(rows)
 
     result = {
-        "config": asdict(cfg), "model": cfg.model, "base": base_name, "block_size": dlm.config.block_size,
+        "config": asdict(cfg), "model": cfg.model, "base": models.base_name, "block_size": models.dlm.config.block_size,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "prompts": prompts,
         "prompt_tokens": [len(ids) for ids in prompt_ids], "methods": [m.name for m in methods + lookup],
         "rows": rows,
     }
+    _report(cfg, result)
+    return result
+
+
+def _report(cfg: DecodeBenchConfig, result: dict) -> None:
+    """The table on stdout; the JSON and the plot where asked for, and a note on stderr naming what was written."""
     print(format_table(result))
     if cfg.json_out:
         write_json(cfg.json_out, result)
@@ -359,7 +392,6 @@ def run(cfg: DecodeBenchConfig) -> dict:
     written = [p for p in (cfg.json_out, cfg.plot_out) if p]
     if written:
         print(f"wrote {' and '.join(written)}", file=sys.stderr)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------------ output

@@ -217,17 +217,35 @@ def run(cfg: DistillConfig) -> dict:
     return summary
 
 
-def _distill(cfg: DistillConfig, info, device) -> dict:
-    out = Path(cfg.output)
-    check_run_folder(cfg)
-    torch.manual_seed(cfg.seed)
-    path = Path(cfg.model)
+def _load_student(cfg: DistillConfig, path: Path, device):
+    """The converted dLM to distill and its tokenizer. With --lora-rank a student's own adapter stays unmerged, and a
+    student without one becomes the base the new adapter loads on."""
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM checkpoint at {path} (convert a model first: ar2dlm convert)")
     check_not_run_folder(cfg.model)
     dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, merge_lora=not cfg.lora_rank, device=device)
     if cfg.lora_rank and not dlm.is_lora:
         dlm.config.base_model = str(path.resolve())  # the adapter then loads on top of the student checkpoint
+    return dlm, tokenizer
+
+
+def _heldout_batches(cfg: DistillConfig, held: list, block_size: int, teacher_block: int, mask_id: int, pad_id: int,
+                     device) -> list:
+    """Held-out micro-batches with fixed masks (their own seeded generator, so every evaluation sees the same ones)
+    at `block_size`, the final one: the teacher's order, r ~ U[0, ratio_max], no curriculum."""
+    g = torch.Generator().manual_seed(HELDOUT_SEED)
+    fixed = SampleConfig(cfg.ratio_max, curriculum=False, order="trajectory", complementary=False)
+    return [build_micro(held[i:i + cfg.batch_size], block_size, mask_id, pad_id, fixed, 0.0, g,
+                        teacher_block=teacher_block).to(device)
+            for i in range(0, len(held), cfg.batch_size)]
+
+
+def _distill(cfg: DistillConfig, info, device) -> dict:
+    out = Path(cfg.output)
+    check_run_folder(cfg)
+    torch.manual_seed(cfg.seed)
+    path = Path(cfg.model)
+    dlm, tokenizer = _load_student(cfg, path, device)
     trajs = prepare_trajectories(cfg, dlm, tokenizer, info)
     train, held = split_heldout(trajs, cfg.heldout, seed=cfg.seed)
 
@@ -239,12 +257,8 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     B, mask_id, pad_id = dlm.config.block_size, dlm.config.mask_token_id, tokenizer.pad_token_id
     sizes = cfg.block_size_stages() or (B,)  # trajectories are recorded at B, the student's starting block size
     scfg = cfg.sample_config()
-    if held:  # fixed masks at the final block size: the teacher's order, r ~ U[0, ratio_max], no curriculum
-        g = torch.Generator().manual_seed(HELDOUT_SEED)
-        fixed = SampleConfig(cfg.ratio_max, curriculum=False, order="trajectory", complementary=False)
-        trainer.heldout = [build_micro(held[i:i + cfg.batch_size], sizes[-1], mask_id, pad_id, fixed, 0.0, g,
-                                       teacher_block=B).to(device)
-                           for i in range(0, len(held), cfg.batch_size)]
+    if held:
+        trainer.heldout = _heldout_batches(cfg, held, sizes[-1], B, mask_id, pad_id, device)
     if info.is_main:
         write_json(out / "config.json", asdict(cfg))
 

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -149,6 +150,37 @@ def self_corpus_path(cfg) -> Path:
     return cache_dir() / "self-corpus" / f"{Path(cfg.model).name}-{digest}.jsonl"
 
 
+@dataclass(frozen=True)
+class _Start:
+    """Where generation starts and what stops it."""
+    chat: bool  # chat records (user + assistant) rather than plain text
+    prefix: str  # the text every first sample continues
+    stop_ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How the corpus is sampled; the fields in the order the metadata records them."""
+    max_new_tokens: int
+    seed: int
+    batch_size: int
+    temperature: float
+    answer_temperature: float
+    user_max_new_tokens: int
+    top_p: float
+    min_chars: int
+    keep_unfinished: bool
+
+
+@dataclass
+class _Tally:
+    """What happened to the samples, for the warning, the error and the metadata."""
+    started: float = field(default_factory=time.time)
+    attempted: int = 0
+    unfinished: int = 0  # kept, but hit max_new_tokens before an end-of-turn token
+    filtered: Counter = field(default_factory=Counter)
+
+
 def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, cache_path: str | Path, seed: int,
                          batch_size: int = 16, temperature: float = 0.8, top_p: float = 0.95, min_chars: int = 8,
                          max_rounds: int | None = None, keep_unfinished: bool = True,
@@ -165,8 +197,6 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
     max_new_tokens)): a question, not an essay. `answer_temperature` (default `temperature`) can be lower, so the
     answers stay close to what the model itself would say greedily, which is what a converted model should reproduce.
     """
-    from tqdm.auto import tqdm
-
     cache_path = Path(cache_path)
     if n_samples < 1:
         raise Ar2dlmError(f"the self-generated corpus needs at least 1 sample, got {n_samples}")
@@ -177,6 +207,28 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
         log.info("reusing self-generated corpus %s (%d records)", cache_path, have)
         return cache_path
 
+    start = _generation_start(tokenizer)
+    settings = _Settings(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
+                         answer_temperature=temperature if answer_temperature is None else answer_temperature,
+                         user_max_new_tokens=user_max_new_tokens or min(64, max_new_tokens), top_p=top_p,
+                         min_chars=min_chars, keep_unfinished=keep_unfinished)
+    if max_rounds is None:
+        max_rounds = math.ceil(4 * n_samples / batch_size) + 1
+    tally = _Tally()
+    records = _sample_records(model, tokenizer, start, settings, n_samples, max_rounds, tally)
+    if not records:
+        raise Ar2dlmError(f"self-generated corpus: all {tally.attempted} samples were empty or degenerate "
+                          f"({dict(tally.filtered)}); try a larger max_new_tokens or a smaller min_chars")
+    if len(records) < n_samples:
+        log.warning("self-generated corpus: only %d of %d samples passed the filter after %d attempts",
+                    len(records), n_samples, tally.attempted)
+    _write_corpus(cache_path, records, model, start, settings, n_samples, tally)
+    return cache_path
+
+
+def _generation_start(tokenizer) -> _Start:
+    """Chat models start on the template's user-turn prefix and stop at its end-of-turn (or EOS) token; other models
+    start on BOS (EOS when there is none) and stop at EOS."""
     chat = has_chat_template(tokenizer)
     eos_id = tokenizer.eos_token_id
     if chat:
@@ -190,82 +242,101 @@ def generate_self_corpus(model, tokenizer, n_samples: int, max_new_tokens: int, 
         stop_ids = [eos_id] if eos_id is not None else []
     if not stop_ids:
         raise Ar2dlmError("the tokenizer has no end-of-turn or EOS token to stop generation at")
+    return _Start(chat, prefix, stop_ids)
 
-    user_limit = user_max_new_tokens or min(64, max_new_tokens)
-    answer_temp = temperature if answer_temperature is None else answer_temperature
-    if max_rounds is None:
-        max_rounds = math.ceil(4 * n_samples / batch_size) + 1
+
+def _sample_records(model, tokenizer, start: _Start, settings: _Settings, n_samples: int, max_rounds: int,
+                    tally: _Tally) -> list[dict]:
+    """Up to `n_samples` records from at most `max_rounds` rounds, the model in eval mode meanwhile."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     records: list[dict] = []
-    filtered: Counter = Counter()
-    attempted = unfinished = 0
-    started = time.time()
     bar = tqdm(total=n_samples, desc="self-corpus", unit="sample")
     try:
         for r in range(max_rounds):
             if len(records) >= n_samples:
                 break
-            s = seed + r
-            limit = user_limit if chat else max_new_tokens
-            first = _sample(model, tokenizer, [prefix] * batch_size, stop_ids, limit, temperature, top_p, s)
-            attempted += batch_size
-            role = "user" if chat else "text"
-            kept = []
-            for text, done in first:
-                reason = degenerate_reason(text, min_chars) or (None if done or keep_unfinished else "unfinished")
-                if reason:
-                    filtered[f"{role}_{reason}"] += 1
-                else:
-                    kept.append((text.strip(), done))
-            new: list[tuple[dict, bool]] = []
-            if chat and kept:
-                prompts = [render_chat(tokenizer, [{"role": "user", "content": u}]) for u, _ in kept]
-                answers = _sample(model, tokenizer, prompts, stop_ids, max_new_tokens, answer_temp, top_p,
-                                  s + ANSWER_SEED_OFFSET)
-                for (u, u_done), (a, done) in zip(kept, answers):
-                    reason = degenerate_reason(a, min_chars) or (None if done or keep_unfinished else "unfinished")
-                    if reason:
-                        filtered[f"assistant_{reason}"] += 1
-                        continue
-                    new.append(({"messages": [{"role": "user", "content": u},
-                                              {"role": "assistant", "content": a.strip()}]}, u_done and done))
-            elif not chat:
-                new = [({"text": t}, done) for t, done in kept]
+            new = _sample_round(model, tokenizer, start, settings, settings.seed + r, tally)
             new = new[:n_samples - len(records)]
-            unfinished += sum(not done for _, done in new)
+            tally.unfinished += sum(not done for _, done in new)
             records += [rec for rec, _ in new]
             bar.update(len(new))
     finally:
         bar.close()
         model.train(was_training)
+    return records
 
-    if not records:
-        raise Ar2dlmError(f"self-generated corpus: all {attempted} samples were empty or degenerate "
-                          f"({dict(filtered)}); try a larger max_new_tokens or a smaller min_chars")
-    if len(records) < n_samples:
-        log.warning("self-generated corpus: only %d of %d samples passed the filter after %d attempts",
-                    len(records), n_samples, attempted)
+
+def _rejection(text: str, done: bool, settings: _Settings) -> str | None:
+    """Why a sampled output is dropped (degenerate, or unfinished when those are not kept), or None to keep it."""
+    return degenerate_reason(text, settings.min_chars) or (None if done or settings.keep_unfinished else "unfinished")
+
+
+def _sample_round(model, tokenizer, start: _Start, settings: _Settings, seed: int,
+                  tally: _Tally) -> list[tuple[dict, bool]]:
+    """One batch of first samples (user turns, or plain text) and, for chat, their answers: the records that passed
+    the filter, each with whether all its turns ended with a stop token."""
+    limit = settings.user_max_new_tokens if start.chat else settings.max_new_tokens
+    first = _sample(model, tokenizer, [start.prefix] * settings.batch_size, start.stop_ids, limit,
+                    settings.temperature, settings.top_p, seed)
+    tally.attempted += settings.batch_size
+    role = "user" if start.chat else "text"
+    kept = []
+    for text, done in first:
+        reason = _rejection(text, done, settings)
+        if reason:
+            tally.filtered[f"{role}_{reason}"] += 1
+        else:
+            kept.append((text.strip(), done))
+    if not start.chat:
+        return [({"text": t}, done) for t, done in kept]
+    if not kept:
+        return []
+    return _answer_round(model, tokenizer, kept, start.stop_ids, settings, seed + ANSWER_SEED_OFFSET, tally)
+
+
+def _answer_round(model, tokenizer, users: list[tuple[str, bool]], stop_ids: list[int], settings: _Settings,
+                  seed: int, tally: _Tally) -> list[tuple[dict, bool]]:
+    """The model's answers to the kept user turns, as chat records (answers that fail the filter are counted)."""
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": u}]) for u, _ in users]
+    answers = _sample(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.answer_temperature,
+                      settings.top_p, seed)
+    new: list[tuple[dict, bool]] = []
+    for (u, u_done), (a, done) in zip(users, answers):
+        reason = _rejection(a, done, settings)
+        if reason:
+            tally.filtered[f"assistant_{reason}"] += 1
+            continue
+        new.append(({"messages": [{"role": "user", "content": u},
+                                  {"role": "assistant", "content": a.strip()}]}, u_done and done))
+    return new
+
+
+def _metadata(model, start: _Start, settings: _Settings, n_samples: int, n_records: int, tally: _Tally) -> dict:
+    return {
+        "model": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "model_type": getattr(model.config, "model_type", None),
+        "format": "chat" if start.chat else "text",
+        "user_turn_prefix": start.prefix if start.chat else None,
+        "n_samples": n_samples,
+        "records": n_records,
+        "attempted": tally.attempted,
+        "filtered": dict(tally.filtered),
+        "unfinished": tally.unfinished,
+        "settings": asdict(settings),
+        "seconds": round(time.time() - tally.started, 2),
+    }
+
+
+def _write_corpus(cache_path: Path, records: list[dict], model, start: _Start, settings: _Settings, n_samples: int,
+                  tally: _Tally) -> None:
+    """The records as JSON lines (atomically, so a failed run leaves an old cache intact), then the metadata (its
+    time includes the writing)."""
     with atomic_write(cache_path) as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    meta = {
-        "model": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-        "model_type": getattr(model.config, "model_type", None),
-        "format": "chat" if chat else "text",
-        "user_turn_prefix": prefix if chat else None,
-        "n_samples": n_samples,
-        "records": len(records),
-        "attempted": attempted,
-        "filtered": dict(filtered),
-        "unfinished": unfinished,  # kept, but hit max_new_tokens before an end-of-turn token
-        "settings": {"max_new_tokens": max_new_tokens, "seed": seed, "batch_size": batch_size,
-                     "temperature": temperature, "answer_temperature": answer_temp,
-                     "user_max_new_tokens": user_limit, "top_p": top_p, "min_chars": min_chars,
-                     "keep_unfinished": keep_unfinished},
-        "seconds": round(time.time() - started, 2),
-    }
-    write_json(metadata_path(cache_path), meta)
+    write_json(metadata_path(cache_path), _metadata(model, start, settings, n_samples, len(records), tally))
     log.info("self-generated corpus: %d records at %s (%d filtered)", len(records), cache_path,
-             sum(filtered.values()))
-    return cache_path
+             sum(tally.filtered.values()))
