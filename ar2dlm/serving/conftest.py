@@ -41,7 +41,8 @@ def serving(tiny_dlm, max_running: int = 4, **settings):
 
 
 class Gate:
-    """Holds the engine's steps until opened: requests stay in flight for as long as a test needs."""
+    """Holds the engine's steps until opened: requests stay in flight for as long as a test needs. Opens at the
+    latest when its `with` block ends (a failed test must not leave the worker stuck)."""
 
     def __init__(self, engine: Engine):
         self.open_event = threading.Event()
@@ -55,6 +56,12 @@ class Gate:
 
     def open(self) -> None:
         self.open_event.set()
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open()
 
 
 @pytest.fixture
