@@ -19,14 +19,20 @@ DEFAULTS = DecodeParams(policy="threshold", tau=0.5, max_new_tokens=8)
 
 
 @pytest.fixture(scope="session")
-def tiny_dlm(tmp_path_factory):
-    """(dLM, tokenizer) of a tiny sharpened block-4 dLM."""
-    from ar2dlm.model.open import open_for_decoding
+def tiny_dlm_folder(tmp_path_factory):
+    """A tiny sharpened block-4 dLM saved as a folder."""
     from ar2dlm.testing import tiny_base, tiny_dlm_folders
 
     root = tmp_path_factory.mktemp("serving")
-    folder = tiny_dlm_folders(root, tiny_base(root), blocks=(4,))["dlm4"]
-    dlm, tok, _ = open_for_decoding(str(folder))
+    return tiny_dlm_folders(root, tiny_base(root), blocks=(4,))["dlm4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dlm(tiny_dlm_folder):
+    """(dLM, tokenizer) of the tiny dLM."""
+    from ar2dlm.model.open import open_for_decoding
+
+    dlm, tok, _ = open_for_decoding(str(tiny_dlm_folder))
     return dlm, tok
 
 
