@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm-eval": ("ar2dlm.recipes.lm_eval", "lm-evaluation-harness with the `ar2dlm` model registered "
                                           "(lm_eval's arguments; --model ar2dlm by default)"),
     "report": ("ar2dlm.recipes.report", "markdown table and combined plot from `eval` results files"),
+    "bench-serve": ("ar2dlm.recipes.bench_serve", "load an OpenAI-compatible server: throughput, TTFT and latency "
+                                                  "p50/p99, errors at each concurrency"),
     "serve": ("ar2dlm.recipes.serve", "OpenAI-compatible HTTP server with continuous batching, metrics and a live "
                                       "decoding page"),
 }
