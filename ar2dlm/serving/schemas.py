@@ -20,6 +20,8 @@ from ar2dlm.serving.errors import ApiError, invalid
 from ar2dlm.serving.settings import ServeSettings
 
 MAX_STOP_STRINGS = 16
+# verify feeds draft_len + 1 mask positions every forward: a request must not make one forward arbitrarily wide
+MAX_DRAFT_LEN = 64
 _NO_CONTEXT_CAP = 1 << 20  # max_tokens cap for a model whose config states no context length
 
 # fields that set nothing here but that clients send
@@ -154,11 +156,13 @@ def _with_ar2dlm_fields(extra: dict, base: dict) -> DecodeParams:
     if extra.get("policy") in ("ar", "verify") and "block_parallel" not in extra:
         base["block_parallel"] = False  # the server's multi-block default does not apply to one-token policies
     try:
-        return DecodeParams.from_mapping(extra, **base)
-    except Ar2dlmError as e:
+        params = DecodeParams.from_mapping(extra, **base)
+    except (Ar2dlmError, TypeError, ValueError) as e:  # the last two: a value a constructor refused
         raise invalid(f"ar2dlm: {e}", param="ar2dlm") from None
-    except (TypeError, ValueError) as e:  # a value from_mapping's checks let through and a constructor refused
-        raise invalid(f"ar2dlm: {e}", param="ar2dlm") from None
+    if params.draft_len is not None and params.draft_len > MAX_DRAFT_LEN:
+        raise invalid(f"ar2dlm.draft_len must be at most {MAX_DRAFT_LEN} on this server, got {params.draft_len}",
+                      param="ar2dlm.draft_len")
+    return params
 
 
 def _stop_strings(body: dict) -> tuple[str, ...] | None:

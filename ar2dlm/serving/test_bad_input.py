@@ -77,6 +77,8 @@ def _post(server, path: str, body, headers=None) -> httpx.Response:
     ("/v1/completions", {**TEXT, "ar2dlm": {"speed": 9}}, 400, "ar2dlm", "unknown decode setting"),
     ("/v1/completions", {**TEXT, "ar2dlm": {"temperature": 1}}, 400, "ar2dlm.temperature", "'temperature' field"),
     ("/v1/completions", {**TEXT, "ar2dlm": "threshold"}, 400, "ar2dlm", "must be an object"),
+    ("/v1/completions", {**TEXT, "ar2dlm": {"policy": "verify", "draft_len": 10 ** 9}}, 400, "ar2dlm.draft_len",
+     "at most 64"),
     ("/v1/completions", {**TEXT, "logprobs": 3}, 400, "logprobs", "not supported"),
     ("/v1/completions", {**TEXT, "echo": True}, 400, "echo", "not supported"),
     ("/v1/completions", {**TEXT, "max_token": 5}, 400, "max_token", "unrecognized request argument"),
