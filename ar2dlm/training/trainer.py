@@ -135,22 +135,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, next_micro: Callable[[float], object], data_state: Callable[[], object],
             load_data_state: Callable[[object], None]) -> dict:
-        cfg, info, state = self.cfg, self.info, self.state
-        if cfg.resume:
-            self.state = state = checkpoint.load(self.ckpt_dir, module=self.objective, optimizer=self.optimizer,
-                                                 fsdp=cfg.fsdp)
-            load_data_state(state["data"][info.rank])
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=state["step"] if cfg.resume else None)
-        if state["before"] is None:
-            state["before"] = self.evaluate()
-            if info.is_main:
-                self.metrics.write({"step": 0, **state["before"]})
-
-        def save_checkpoint():
-            trainer_state = {**state, "data": gather(data_state(), info)}
-            checkpoint.save(self.ckpt_dir, module=self.objective, optimizer=self.optimizer,
-                            trainer_state=trainer_state, fsdp=cfg.fsdp, is_main=info.is_main)
-
+        """Train until `max_steps` or the time budget; returns the held-out evaluation after training."""
+        cfg, info = self.cfg, self.info
+        state = self._start(load_data_state)
         bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=self.desc, disable=not info.is_main,
                    dynamic_ncols=True)
         t_start = time.perf_counter() - state["train_seconds"]
@@ -160,34 +147,12 @@ class Trainer:
             fraction = min(1.0, max(state["step"] / cfg.max_steps,
                                     state["train_seconds"] / budget_s if budget_s else 0.0))
             micro = [next_micro(fraction).to(self.device) for _ in range(cfg.grad_accum)]
-            n_scored = distributed.all_reduce_sum(
-                torch.tensor(float(sum(int(m.n_scored) for m in micro)), device=self.device)).item()
-            sums = torch.zeros(len(self.names), dtype=torch.float64)
-            for i, mb in enumerate(micro):
-                sync = contextlib.nullcontext() if (i == len(micro) - 1 or not hasattr(self.model, "no_sync")) \
-                    else self.model.no_sync()
-                with sync, self.autocast():
-                    out = self.model(*mb.args())
-                    # DDP averages gradients over ranks; scaling by world/n_scored makes it a global per-token mean.
-                    (out[0] * info.world_size / max(n_scored, 1.0)).backward()
-                sums += torch.tensor([float(o.detach()) for o in out], dtype=torch.float64)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip or float("inf"))
-            decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start, budget_s)
-            lr = cfg.lr * lr_factor(state["step"], cfg.warmup_steps, decay, cfg.min_lr_ratio)
-            if info.enabled:  # wall-clock progress differs by a hair between ranks: all use the main rank's LR
-                lr = distributed.broadcast_object(lr, info)
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            stats = distributed.all_reduce_sum(sums.to(self.device)).cpu()
-            step_tokens = int(distributed.all_reduce_sum(
-                torch.tensor(float(sum(int(m.n_tokens) for m in micro)), device=self.device)).item())
+            per_token, grad_norm, step_tokens = self._step(micro)
+            lr = self._apply_lr_and_update(state, t_start, budget_s)
             state["step"] += 1
             state["tokens"] += step_tokens
             dt = time.perf_counter() - t0
             state["train_seconds"] = time.perf_counter() - t_start
-            per_token = {n: float(v) / max(n_scored, 1.0) for n, v in zip(self.names, stats)}
             if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
                 extra = {"block_size": micro[0].block_size} if micro[0].block_size else {}
                 self.metrics.write({"step": state["step"], **per_token, "lr": lr, "grad_norm": float(grad_norm),
@@ -196,21 +161,79 @@ class Trainer:
             bar.set_postfix(loss=f"{per_token['loss']:.3f}", acc=f"{per_token.get('masked_acc', 0):.2f}",
                             tok_s=f"{step_tokens / dt:.0f}")
             bar.update(1)
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and self.heldout:
-                ev = self.evaluate()
-                if info.is_main:
-                    self.metrics.write({"step": state["step"], **ev})
-            out_of_time = budget_s is not None and state["train_seconds"] >= budget_s
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps or out_of_time:
-                save_checkpoint()
-            if os.environ.get("AR2DLM_FAULT_AT_STEP") == str(state["step"]):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the resume tests kill a run exactly here
-            if out_of_time and state["step"] < cfg.max_steps:
-                state["stopped_early"] = True
-                log.warning("time budget of %.1f min reached at step %d", cfg.max_minutes, state["step"])
+            if self._after_step(state, budget_s, data_state):
                 break
         bar.close()
         after = self.evaluate()
         if info.is_main:
             self.metrics.write({"step": state["step"], **after})
         return after
+
+    def _start(self, load_data_state: Callable[[object], None]) -> dict:
+        """Resume from the checkpoint when asked; open the metrics log; evaluate the model before training once."""
+        cfg, info = self.cfg, self.info
+        if cfg.resume:
+            self.state = checkpoint.load(self.ckpt_dir, module=self.objective, optimizer=self.optimizer,
+                                         fsdp=cfg.fsdp)
+            load_data_state(self.state["data"][info.rank])
+        state = self.state
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=state["step"] if cfg.resume else None)
+        if state["before"] is None:
+            state["before"] = self.evaluate()
+            if info.is_main:
+                self.metrics.write({"step": 0, **state["before"]})
+        return state
+
+    def _step(self, micro: list) -> tuple[dict, torch.Tensor, int]:
+        """Forward and backward over the micro-batches; returns the per-token sums, the gradient norm and the
+        step's tokens, all summed over ranks."""
+        cfg, info = self.cfg, self.info
+        n_scored = distributed.all_reduce_sum(
+            torch.tensor(float(sum(int(m.n_scored) for m in micro)), device=self.device)).item()
+        sums = torch.zeros(len(self.names), dtype=torch.float64)
+        for i, mb in enumerate(micro):
+            sync = contextlib.nullcontext() if (i == len(micro) - 1 or not hasattr(self.model, "no_sync")) \
+                else self.model.no_sync()
+            with sync, self.autocast():
+                out = self.model(*mb.args())
+                # DDP averages gradients over ranks; scaling by world/n_scored makes it a global per-token mean.
+                (out[0] * info.world_size / max(n_scored, 1.0)).backward()
+            sums += torch.tensor([float(o.detach()) for o in out], dtype=torch.float64)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip or float("inf"))
+        stats = distributed.all_reduce_sum(sums.to(self.device)).cpu()
+        step_tokens = int(distributed.all_reduce_sum(
+            torch.tensor(float(sum(int(m.n_tokens) for m in micro)), device=self.device)).item())
+        per_token = {n: float(v) / max(n_scored, 1.0) for n, v in zip(self.names, stats)}
+        return per_token, grad_norm, step_tokens
+
+    def _apply_lr_and_update(self, state: dict, t_start: float, budget_s: float | None) -> float:
+        """Set this step's learning rate (warm-up, then decay by steps or by the time budget) and step."""
+        cfg = self.cfg
+        decay = progress(state["step"], cfg.warmup_steps, cfg.max_steps, time.perf_counter() - t_start, budget_s)
+        lr = cfg.lr * lr_factor(state["step"], cfg.warmup_steps, decay, cfg.min_lr_ratio)
+        if self.info.enabled:  # wall-clock progress differs by a hair between ranks: all use the main rank's LR
+            lr = distributed.broadcast_object(lr, self.info)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def _after_step(self, state: dict, budget_s: float | None, data_state: Callable[[], object]) -> bool:
+        """Evaluate and checkpoint when due; True when the time budget is spent."""
+        cfg, info = self.cfg, self.info
+        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and self.heldout:
+            ev = self.evaluate()
+            if info.is_main:
+                self.metrics.write({"step": state["step"], **ev})
+        out_of_time = budget_s is not None and state["train_seconds"] >= budget_s
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps or out_of_time:
+            trainer_state = {**state, "data": gather(data_state(), info)}
+            checkpoint.save(self.ckpt_dir, module=self.objective, optimizer=self.optimizer,
+                            trainer_state=trainer_state, fsdp=cfg.fsdp, is_main=info.is_main)
+        if os.environ.get("AR2DLM_FAULT_AT_STEP") == str(state["step"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the resume tests kill a run exactly here
+        if out_of_time and state["step"] < cfg.max_steps:
+            state["stopped_early"] = True
+            log.warning("time budget of %.1f min reached at step %d", cfg.max_minutes, state["step"])
+            return True
+        return False
