@@ -160,7 +160,7 @@ class GatedDrafterLM(BlockDiffusionLM):
 
         cache = DynamicCache()  # full layers: a sliding-window layer would drop clean K/V the mask allows
         with self.gate.use(None):
-            out = self._decoder()(inputs_embeds=self.embed(clean_ids), past_key_values=cache, use_cache=True)
+            out = BlockDiffusionLM.decoder_output(self, clean_ids, past_key_values=cache, use_cache=True)
         return out.last_hidden_state, cache
 
     def noisy_pass(self, noisy_ids: torch.Tensor, cache, lengths=None, block_size=None,
@@ -175,8 +175,8 @@ class GatedDrafterLM(BlockDiffusionLM):
             mask = attention.drafter_noisy_mask(seq_len, block_size, lengths, noisy_ids.device, causal_in_block)
         pos = torch.arange(seq_len, device=noisy_ids.device).expand(n, -1)
         with self.gate.use(self.gate_for(noisy_ids)):
-            out = self._decoder()(inputs_embeds=self.embed(noisy_ids), attention_mask=mask, position_ids=pos,
-                                  past_key_values=cache, use_cache=True)
+            out = BlockDiffusionLM.decoder_output(self, noisy_ids, attention_mask=mask, position_ids=pos,
+                                                  past_key_values=cache, use_cache=True)
         return out.last_hidden_state
 
     def split_hidden(self, noisy_ids, clean_ids, lengths=None, block_size=None) -> torch.Tensor:
