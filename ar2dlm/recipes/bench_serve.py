@@ -1,5 +1,6 @@
-"""`ar2dlm bench-serve`: load an OpenAI-compatible server with concurrent streamed requests over the `openai`
-client and report, per concurrency level, throughput, TTFT and latency p50/p99 and errors (table, JSON, plot).
+"""`ar2dlm bench-serve`: load an OpenAI-compatible server: throughput, TTFT and latency p50/p99, errors per concurrency.
+
+Concurrent streamed requests over the `openai` client, one level per concurrency; a table, JSON and a plot.
 
 Point it at a running server (`--url`), or give `--model` to start `ar2dlm serve` on it in this process (on a free
 loopback port; its memory is then measured before and after each level). `--duration-s` runs each level for that

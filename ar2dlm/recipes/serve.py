@@ -1,5 +1,6 @@
-"""`ar2dlm serve`: an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
-the live decoding page at /) with continuous batching.
+"""`ar2dlm serve`: an OpenAI-compatible HTTP server over the engine (continuous batching), with a live decoding page.
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics (Prometheus), and the page at /.
 
 The decoding options below are the server's defaults; a request picks its own with the extra body field `ar2dlm`
 (`{"policy": "threshold", "tau": 0.7}`). Without --policy a gated drafter decodes with its lossless `verify`, any

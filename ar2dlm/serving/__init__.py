@@ -13,5 +13,6 @@
 | `metrics.py` | Prometheus metrics in the app's own registry |
 | `settings.py` | the server's knobs |
 | `server.py` | uvicorn in the foreground or in a thread |
+| `bench.py` | the load generator of `ar2dlm bench-serve`: closed-loop clients, percentiles, table, plot |
 | `static/index.html` | the live decoding page |
 """
