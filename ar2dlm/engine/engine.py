@@ -115,6 +115,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def max_running(self) -> int:
+        """Requests decoded together at most (cache-pool rows); more wait in the queue."""
+        return self.scheduler.limits.max_running
+
     # ------------------------------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward, commit, retire. Returns an output for every request that took part."""

@@ -66,7 +66,7 @@ class Handle:
 class EngineWorker:
     def __init__(self, engine: Engine, max_waiting: int, metrics=None):
         self.engine, self.metrics = engine, metrics
-        self.capacity = engine.scheduler.limits.max_running + max_waiting
+        self.capacity = engine.max_running + max_waiting
         self._cond = threading.Condition()
         self._inbox: list[tuple[Handle, list[int], DecodeParams]] = []
         self._cancels: list[str] = []
