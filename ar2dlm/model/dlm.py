@@ -214,12 +214,15 @@ class BlockDiffusionLM(nn.Module):
         block_size = block_size or self.config.block_size
         ids = torch.cat([noisy_ids, clean_ids], dim=1)
         pos = attention.layout_position_ids(seq_len, ids.device).expand(n, -1)
+        mask = self.layout_mask(seq_len, block_size, lengths, ids.device)
+        return self.decoder_output(ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+    def layout_mask(self, seq_len: int, block_size: int, lengths: torch.Tensor | None, device):
+        """The attention mask of the [noisy | clean] layout for this model's attention backend (the gated drafter
+        has its own: a token-causal clean copy)."""
         if self.attention_backend == "flex":
-            mask = attention.flex_mask(seq_len, block_size, lengths, device=ids.device)
-        else:
-            mask = attention.dense_mask(seq_len, block_size, lengths, device=ids.device)
-        out = self._decoder()(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=pos, use_cache=False)
-        return out.last_hidden_state
+            return attention.flex_mask(seq_len, block_size, lengths, device=device)
+        return attention.dense_mask(seq_len, block_size, lengths, device=device)
 
     def predictor_hidden(self, hidden: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
         """For each position p of the sequence, the hidden state whose logit predicts token p: shape [N, L, H].

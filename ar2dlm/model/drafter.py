@@ -136,21 +136,12 @@ class GatedDrafterLM(BlockDiffusionLM):
         with self.gate.use(self.gate_for(input_ids)):
             return super().decoder_output(input_ids, **kwargs)
 
-    def training_hidden(self, noisy_ids, clean_ids, lengths=None, block_size=None) -> torch.Tensor:
-        """Final hidden states of the [noisy | clean] layout with the drafter mask (token-causal clean copy), all in
-        one forward. Training uses the cheaper `split_hidden`; this is its reference and serves the dLM tools."""
-        n, seq_len = clean_ids.shape
-        block_size = block_size or self.config.block_size
-        ids = torch.cat([noisy_ids, clean_ids], dim=1)
-        pos = attention.layout_position_ids(seq_len, ids.device).expand(n, -1)
+    def layout_mask(self, seq_len: int, block_size: int, lengths: torch.Tensor | None, device):
+        """The drafter's [noisy | clean] mask (token-causal clean copy), for the one-forward `training_hidden`.
+        Training uses the cheaper `split_hidden`; the one-forward layout is its reference and serves the dLM tools."""
         if self.attention_backend == "flex":
-            mask = attention.drafter_flex_mask(seq_len, block_size, lengths, device=ids.device)
-        else:
-            mask = attention.drafter_dense_mask(seq_len, block_size, lengths, device=ids.device)
-        with self.gate.use(self.gate_for(ids)):
-            out = self._decoder()(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=pos,
-                                  use_cache=False)
-        return out.last_hidden_state
+            return attention.drafter_flex_mask(seq_len, block_size, lengths, device=device)
+        return attention.drafter_dense_mask(seq_len, block_size, lengths, device=device)
 
     @torch.no_grad()
     def clean_pass(self, clean_ids: torch.Tensor):

@@ -9,22 +9,9 @@ import pytest
 import torch
 
 from ar2dlm.cli import main
-from ar2dlm.evaluation.test_likelihood import CHATS, DOCS
+from ar2dlm.evaluation.test_likelihood import DOCS, files  # noqa: F401 (`files` is a shared fixture)
 from ar2dlm.model.loading import load_base
 from ar2dlm.recipes.ppl import PplConfig, load_sequences, run
-from ar2dlm.testing import tiny_base, tiny_dlm_folders
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppl")
-    base = tiny_base(root)
-    dlms = tiny_dlm_folders(root, base)
-    text = root / "heldout.txt"
-    text.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
-    chat = root / "chat.jsonl"
-    chat.write_text("".join(json.dumps(r) + "\n" for r in CHATS), encoding="utf-8")
-    return {"root": root, "base": base, **dlms, "text": text, "chat": chat}
 
 
 def test_ar_ppl_equals_hugging_face_loss_on_the_scored_tokens(files, tmp_path):
