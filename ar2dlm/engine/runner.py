@@ -71,6 +71,9 @@ class ModelRunner:
         dev, lo, hi = self.dlm.device, plan.fed_start, plan.fed_end
         ids = torch.tensor([self._ids(state, plan)], device=dev)
         pos = torch.arange(lo, hi, device=dev)[None]
+        if plan.groups is None:  # block-causal: one comparison of block indices over every key, as cached keys
+            block = torch.arange(hi, device=dev) // self.block_size  # sit in earlier blocks (the hot path)
+            return ids, pos, (block[None, :] <= block[lo:hi, None])[None, None], hi
         group = self._groups(plan)
         fed_visible = group[None, :] <= group[:, None]
         mask = torch.cat([torch.ones(hi - lo, lo, dtype=torch.bool, device=dev), fed_visible], dim=1)
