@@ -48,6 +48,7 @@ class BlockState:
                  token_shift: bool, params: "DecodeParams", leftmost_only: bool = False):
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
+        self.slot_limit = self.limit  # cache slots it may write
         self.block_size, self.mask_id, self.token_shift, self.params = block_size, mask_id, token_shift, params
         self.leftmost_only = leftmost_only  # the policy only ever commits the leftmost candidate (`ar`)
         self.toks = list(prompt_ids) + [mask_id] * max_new_tokens

@@ -32,6 +32,9 @@ class DecodeParams:
     steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
     draft_len: int | None = field(default=None, metadata={
         "help": "verify: drafts checked per forward (default: the model's block size - 1)"})
+    draft_every_length: bool = field(default=False, metadata={
+        "help": "verify: draft for every acceptance length in the same forward (TiDAR), so the forward after a "
+                "rejected draft has drafts too; feeds (drafts + 1)^2 mask positions instead of drafts + 1"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -63,6 +66,8 @@ class DecodeParams:
             raise Ar2dlmError(f"unknown decoding policy {self.policy!r} (choose from {', '.join(POLICIES)})")
         self.make_policy()  # validates tau / k
         self.sampling()  # validates temperature / top_p / top_k
+        if self.draft_every_length and self.policy != "verify":
+            raise Ar2dlmError("draft_every_length is a setting of the verify policy")
         if self.block_parallel and self.policy in ("ar", "verify"):
             raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
         if self.draft_len is not None and self.draft_len < 1:
@@ -93,7 +98,7 @@ class DecodeParams:
             base = f"verify:{self.draft_len}"
         else:
             base = self.policy
-        return base + ("+bp" if self.block_parallel else "")
+        return base + ("+bp" if self.block_parallel else "") + ("+all" if self.draft_every_length else "")
 
     def replace(self, **changes) -> "DecodeParams":
         return dataclasses.replace(self, **changes)
@@ -102,9 +107,14 @@ class DecodeParams:
     @classmethod
     def from_spec(cls, text: str, **base) -> "DecodeParams":
         """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`, `verify:3` (drafts a forward);
-        a bare name takes the default value; a `+bp` suffix turns on multi-block decoding. `base` gives the other fields."""
+        a bare name takes the default value; a `+bp` suffix turns on multi-block decoding, `+all` drafts for every
+        acceptance length (verify). `base` gives the other fields."""
         spec = text.strip()
-        body, bp = (spec[:-3], True) if spec.endswith("+bp") else (spec, False)
+        body, *suffixes = spec.split("+")
+        unknown = sorted(set(suffixes) - {"bp", "all"})
+        if unknown:
+            raise Ar2dlmError(f"unknown suffix +{unknown[0]} in spec {spec!r} (accepted: +bp, +all)")
+        bp, every_length = "bp" in suffixes, "all" in suffixes
         name, sep, value = body.partition(":")
         name, value = name.strip(), value.strip()
         if name not in POLICIES:
@@ -112,6 +122,8 @@ class DecodeParams:
         if sep and not value:
             raise Ar2dlmError(f"policy spec {spec!r} has no value after ':'")
         fields = dict(base, policy=name, block_parallel=bp)
+        if every_length:
+            fields["draft_every_length"] = True
         if name == "ar" and value:
             raise Ar2dlmError(f"the ar policy takes no value, got {spec!r}")
         if name == "steps" and value:

@@ -5,11 +5,18 @@ Which fed slots a fed query may read is given by *visibility groups*: query q se
 k is fed and group(k) <= group(q). Block diffusion uses the block index (block-causal: a block sees itself and the
 earlier blocks); the verify policy gives every clean position its own group (token-causal, the AR parent's own
 attention) and its mask positions one shared group after them (they see the clean prefix and each other).
+
+A plan may instead give the fed-to-fed visibility outright (`visible`, [fed, fed] boolean) and the RoPE position of
+every fed slot (`positions`; default: the slot itself). Verify with drafts for every acceptance length uses both:
+its mask blocks sit in slots after the clean positions but at the positions they draft, each seeing only the clean
+prefix it assumes accepted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -20,6 +27,8 @@ class Plan:
     logit_pos: list[int]  # positions whose logits this forward must return, ascending (all inside the fed range)
     ids: list[int] | None = None  # the fed token ids (None: the sequence's tokens at the fed positions)
     groups: list[int] | None = None  # visibility group per fed position (None: block index, position // block size)
+    visible: torch.Tensor | None = None  # [fed, fed] bool: fed query i may read fed key j (overrides groups)
+    positions: list[int] | None = None  # RoPE position per fed slot (None: the slot)
 
     @property
     def fed(self) -> int:

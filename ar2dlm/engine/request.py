@@ -42,7 +42,7 @@ class Request:
         if params.policy == "verify":
             draft_len = params.draft_len or max(1, model_config.block_size - 1)
             self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
-                                     model_config.token_shift)
+                                     model_config.token_shift, params.draft_every_length)
         else:
             self.state = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
                                     model_config.token_shift, params, self.policy.leftmost_only)

@@ -7,7 +7,8 @@ plan; rows feed different lengths, so shorter rows are padded with dummy queries
 nothing this forward (it waits, or its one masked position reads a stored logit) is all dummy queries. Dummy queries
 write to and read only one slot `pad`, at or past every row's fed end *and* its first uncached slot: every slot from a
 row's first uncached one on is rewritten, by real tokens, in the forward that next reads it, so the garbage never
-reaches a used logit. The mask is [batch, 1, fed, kv_len] boolean: block-causal by absolute position, slots at or
+reaches a used logit. A fed slot's RoPE position is the slot itself unless its plan says otherwise (`Plan.positions`).
+The mask is [batch, 1, fed, kv_len] boolean: block-causal by absolute position, slots at or
 past each row's fed end masked. Attention reads slots [0, kv_len) only (a view of the pool's buffers).
 
 Only the positions whose logits are read go through the LM head (on a CPU in a layout MKL streams about twice as
@@ -49,10 +50,10 @@ class ModelRunner:
         if not any(fed):
             return [None] * len(rows)
         if len(rows) == 1:
-            ids, pos, mask, kv_len = self._single(rows[0][0], fed[0])
+            ids, pos, slots, mask, kv_len = self._single(rows[0][0], fed[0])
         else:
-            ids, pos, mask, kv_len = self._padded(rows, fed)
-        cache.bind(row_start, pos, kv_len)
+            ids, pos, slots, mask, kv_len = self._padded(rows, fed)
+        cache.bind(row_start, slots, kv_len)
         out = self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                       use_cache=True)
         return self._pick_logits(out.last_hidden_state, fed)
@@ -61,23 +62,31 @@ class ModelRunner:
     def _ids(self, state, plan: Plan) -> list[int]:
         return plan.ids if plan.ids is not None else state.toks[plan.fed_start:plan.fed_end]
 
-    def _groups(self, plan: Plan) -> torch.Tensor:
+    def _positions(self, plan: Plan) -> list[int]:
+        return plan.positions if plan.positions is not None else list(range(plan.fed_start, plan.fed_end))
+
+    def _fed_visible(self, plan: Plan) -> torch.Tensor:
+        """[fed, fed] bool: which fed keys each fed query reads (cached slots are read by all)."""
+        if plan.visible is not None:
+            return plan.visible.to(self.dlm.device)
         if plan.groups is not None:
-            return torch.tensor(plan.groups, device=self.dlm.device)
-        return torch.arange(plan.fed_start, plan.fed_end, device=self.dlm.device) // self.block_size
+            group = torch.tensor(plan.groups, device=self.dlm.device)
+        else:
+            group = torch.arange(plan.fed_start, plan.fed_end, device=self.dlm.device) // self.block_size
+        return group[None, :] <= group[:, None]
 
     def _single(self, state, plan: Plan):
         """One sequence: no padding, the fed range is contiguous."""
         dev, lo, hi = self.dlm.device, plan.fed_start, plan.fed_end
         ids = torch.tensor([self._ids(state, plan)], device=dev)
-        pos = torch.arange(lo, hi, device=dev)[None]
-        if plan.groups is None:  # block-causal: one comparison of block indices over every key, as cached keys
-            block = torch.arange(hi, device=dev) // self.block_size  # sit in earlier blocks (the hot path)
-            return ids, pos, (block[None, :] <= block[lo:hi, None])[None, None], hi
-        group = self._groups(plan)
-        fed_visible = group[None, :] <= group[:, None]
-        mask = torch.cat([torch.ones(hi - lo, lo, dtype=torch.bool, device=dev), fed_visible], dim=1)
-        return ids, pos, mask[None, None], hi
+        if plan.groups is None and plan.visible is None:  # block-causal: one comparison of block indices over
+            pos = torch.arange(lo, hi, device=dev)[None]  # every key, as cached keys sit in earlier blocks (the hot path)
+            block = torch.arange(hi, device=dev) // self.block_size
+            return ids, pos, pos, (block[None, :] <= block[lo:hi, None])[None, None], hi
+        slots = torch.arange(lo, hi, device=dev)[None]
+        pos = slots if plan.positions is None else torch.tensor([plan.positions], device=dev)
+        mask = torch.cat([torch.ones(hi - lo, lo, dtype=torch.bool, device=dev), self._fed_visible(plan)], dim=1)
+        return ids, pos, slots, mask[None, None], hi
 
     def _padded(self, rows, fed):
         """Rows padded to the longest fed range with dummy queries at slot `pad` (see the module docstring)."""
@@ -85,22 +94,23 @@ class ModelRunner:
         q = max(p.fed for p in fed if p is not None)
         pad = max([p.fed_end for p in fed if p is not None] + [state.cached for state, _ in rows])
         kv_len = pad + 1
-        masks, id_rows, pos_rows = [], [], []
+        masks, id_rows, pos_rows, slot_rows = [], [], [], []
         key = torch.arange(kv_len, device=dev)
         for (state, _), p in zip(rows, fed):
             n = p.fed if p is not None else 0
             mask = (key == pad).expand(q, kv_len).clone()  # dummy queries read their own slot only
             if p is not None:
-                group = torch.full((kv_len,), -1, dtype=torch.long, device=dev)  # cached slots: seen by all
-                group[p.fed_start:p.fed_end] = self._groups(p)
-                group[p.fed_end:] = torch.iinfo(torch.long).max  # past the fed range: seen by none
-                mask[:n] = group[None, :] <= group[p.fed_start:p.fed_end, None]
+                mask[:n] = False
+                mask[:n, :p.fed_start] = True  # cached slots: read by all; past the fed range: by none
+                mask[:n, p.fed_start:p.fed_end] = self._fed_visible(p)
             masks.append(mask)
             id_rows.append((self._ids(state, p) if p is not None else []) + [self.mask_id] * (q - n))
-            pos_rows.append((list(range(p.fed_start, p.fed_end)) if p is not None else []) + [pad] * (q - n))
+            pos_rows.append((self._positions(p) if p is not None else []) + [pad] * (q - n))
+            slot_rows.append((list(range(p.fed_start, p.fed_end)) if p is not None else []) + [pad] * (q - n))
         ids = torch.tensor(id_rows, device=dev)
         pos = torch.tensor(pos_rows, device=dev)
-        return ids, pos, torch.stack(masks)[:, None], kv_len
+        slots = pos if pos_rows == slot_rows else torch.tensor(slot_rows, device=dev)
+        return ids, pos, slots, torch.stack(masks)[:, None], kv_len
 
     # ------------------------------------------------------------------------------------------ outputs
     def _pick_logits(self, hidden: torch.Tensor, fed: list[Plan | None]) -> list[torch.Tensor | None]:

@@ -69,7 +69,7 @@ class Scheduler:
             req = self.waiting.popleft()
             req.row = self.cache.allocate()
             req.status = Status.RUNNING
-            self.cache.reserve(req.state.limit + 1)  # + the slot dummy queries may use
+            self.cache.reserve(req.state.slot_limit + 1)  # + the slot dummy queries may use
             self.running.append(req)
 
     def retire(self, request: Request) -> None:

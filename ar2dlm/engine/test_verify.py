@@ -39,11 +39,13 @@ def parent_and_dlm(tok):
     return parent, dlm
 
 
+@pytest.mark.parametrize("every_length", [False, True])
 @pytest.mark.parametrize("draft_len", [None, 1, 5])
-def test_greedy_verify_equals_hf_generate(tok, parent_and_dlm, draft_len):
+def test_greedy_verify_equals_hf_generate(tok, parent_and_dlm, draft_len, every_length):
     parent, dlm = parent_and_dlm
     engine = Engine(dlm, tok)
-    params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=17, stop_token_ids=())
+    params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=17, stop_token_ids=(),
+                          draft_every_length=every_length)
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
         res = engine.generate(ids, params)
@@ -81,9 +83,10 @@ def test_oracle_drafts_are_accepted_and_wrong_ones_corrected(tok, parent_and_dlm
         assert full and all(c == wrong_at + 1 for c in full)
 
 
-def test_verify_batched_streamed_and_joining_mid_way(tok, parent_and_dlm):
+@pytest.mark.parametrize("every_length", [False, True])
+def test_verify_batched_streamed_and_joining_mid_way(tok, parent_and_dlm, every_length):
     parent, dlm = parent_and_dlm
-    params = DecodeParams(policy="verify", max_new_tokens=15, stop_token_ids=())
+    params = DecodeParams(policy="verify", max_new_tokens=15, stop_token_ids=(), draft_every_length=every_length)
     expected = [_hf_greedy(parent, tok(p)["input_ids"], 15) for p in PROMPTS]
     engine = Engine(dlm, tok, max_running=2)
     assert [r.tokens for r in engine.generate_batch(PROMPTS, params)] == expected
@@ -123,6 +126,12 @@ def test_verify_needs_token_shift(tok):
     with pytest.raises(Ar2dlmError):
         DecodeParams(policy="verify", draft_len=0)
     assert DecodeParams.from_spec("verify:3").draft_len == 3 and DecodeParams.from_spec("verify:3").label == "verify:3"
+    every = DecodeParams.from_spec("verify:2+all")
+    assert every.draft_every_length and every.draft_len == 2 and every.label == "verify:2+all"
+    with pytest.raises(Ar2dlmError, match="verify"):
+        DecodeParams(policy="ar", draft_every_length=True)
+    with pytest.raises(Ar2dlmError, match="suffix"):
+        DecodeParams.from_spec("verify:2+everything")
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
@@ -173,3 +182,64 @@ def test_gated_drafter_verify_is_exactly_the_parent(tok, parent_and_dlm):
             if isinstance(m, GatedLoRALinear):
                 m.lora_B.zero_()
     assert first_drafts(drafter) != trained
+
+
+def _random_adapter_drafter(tok, scale: float = 0.5):
+    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+
+    drafter = GatedDrafterLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4, rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in drafter.modules():
+            if isinstance(m, GatedLoRALinear):
+                m.lora_B.normal_(0, scale)
+    return drafter.eval()
+
+
+def test_every_length_blocks_draft_as_if_that_prefix_were_accepted(tok):
+    """One forward with drafts for every acceptance length: the block assuming `a` accepted drafts gives the logits
+    of a separate forward whose committed text is the prompt plus those `a` drafts (same positions, same visible
+    prefix), and the clean rows are the AR model's logits after each draft prefix."""
+    from ar2dlm.engine.runner import ModelRunner
+    from ar2dlm.engine.verify import VerifyState
+
+    drafter = _random_adapter_drafter(tok)
+    runner, mask_id = ModelRunner(drafter), drafter.config.mask_token_id
+
+    def first_forward(state):
+        cache = runner.new_cache(1)
+        cache.reserve(state.slot_limit + 1)
+        cache.allocate()
+        plan = state.plan()
+        return runner.forward(cache, 0, [(state, plan)])[0]
+
+    ids, drafts = tok(PROMPTS[2])["input_ids"], [5, 9, 7]
+    every = VerifyState(ids, 20, 3, mask_id, True, every_length=True)
+    every.drafts = list(drafts)
+    logits = first_forward(every)
+    assert logits.shape[0] == len(drafts) + 1 + (len(drafts) + 1) * 3
+    for a in range(len(drafts) + 1):
+        alone = VerifyState(ids + drafts[:a], 20 - a, 3, mask_id, True)
+        expected = first_forward(alone)  # [the AR model's row after the prefix, 3 draft rows]
+        block = logits[len(drafts) + 1 + 3 * a: len(drafts) + 1 + 3 * (a + 1)]
+        torch.testing.assert_close(block, expected[1:], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[a], expected[0], atol=2e-4, rtol=1e-4)
+
+
+def test_every_length_has_drafts_after_a_rejection(tok, parent_and_dlm):
+    """Without it, a forward after a rejected draft has nothing to check; with it, the drafts come from the block
+    that assumed the accepted prefix, so every forward (but the first) checks drafts."""
+    parent, _ = parent_and_dlm
+    drafter = _random_adapter_drafter(tok)
+    ids = tok(PROMPTS[0])["input_ids"]
+    for every_length in (False, True):
+        engine = Engine(drafter, tok)
+        params = DecodeParams(policy="verify", draft_len=3, max_new_tokens=24, stop_token_ids=(),
+                              draft_every_length=every_length)
+        rid = engine.add_request(ids, params)
+        req, empty = engine.requests[rid], 0
+        while engine.has_unfinished():
+            engine.step()
+            empty += not req.finished and req.state.nfe and not req.state.drafts
+        assert req.tokens == _hf_greedy(parent, ids, 24)
+        assert (empty == 0) if every_length else (empty > 0)

@@ -36,7 +36,8 @@ from ar2dlm.errors import Ar2dlmError
 class VerifyState:
     """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
 
-    def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool):
+    def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool,
+                 every_length: bool = False):
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
@@ -44,7 +45,8 @@ class VerifyState:
             raise Ar2dlmError(f"draft length must be >= 1, got {draft_len}")
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
-        self.draft_len, self.mask_id = draft_len, mask_id
+        self.draft_len, self.mask_id, self.every_length = draft_len, mask_id, every_length
+        self._fed_blocks: list[tuple[int, int]] = []  # the mask blocks of the last plan: (accepted, drafts made)
         self.toks = list(prompt_ids)  # committed tokens; toks[-1] is not in the cache yet
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), V] distributions the drafts were sampled from
@@ -61,24 +63,58 @@ class VerifyState:
         """The drafts this forward checks: none that would land at or past the length limit."""
         return self.drafts[:max(self.limit - len(self.toks) - 1, 0)]
 
+    @property
+    def slot_limit(self) -> int:
+        """Cache slots this sequence may write: its length limit, and with drafts for every acceptance length the
+        mask blocks past it (at most `draft_len + 1` blocks of `draft_len + 1` masks)."""
+        return self.limit + (self.draft_len + 1) ** 2 if self.every_length else self.limit
+
+    def _blocks(self, n: int, drafts: list[int]) -> list[tuple[int, int]]:
+        """(accepted drafts assumed, drafts it makes) for each mask block this forward feeds: the block after all
+        drafts, or with `every_length` one per acceptance length 0..len(drafts). A block assuming `a` accepted
+        drafts starts at position n + a, a mask standing for the AR model's token there, and drafts the positions
+        after it up to the length limit; one more mask is fed so the block is as long as in training."""
+        lengths = range(len(drafts) + 1) if self.every_length else [len(drafts)]
+        return [(a, min(self.draft_len, self.limit - (n + a) - 1)) for a in lengths]
+
     def plan(self) -> Plan:
-        """Feed [uncached committed | drafts | masks]; read the logits of every clean position from the last
+        """Feed [uncached committed | drafts | mask blocks]; read the logits of every clean position from the last
         committed token on, and of the mask positions that draft a position before the length limit."""
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
-        # clean_end takes the AR model's token after the drafts; masks there and after it draft the positions past
-        # it: `new_drafts` rows are read, one more mask is fed so the block is as long as in training
-        new_drafts = min(self.draft_len, self.limit - clean_end - 1)
-        masks = new_drafts + 1 if new_drafts > 0 else 0
-        ids = self.toks[start:] + drafts + [self.mask_id] * masks
-        groups = list(range(start, clean_end)) + [clean_end] * masks
-        logit_pos = list(range(n - 1, clean_end)) + list(range(clean_end, clean_end + max(new_drafts, 0)))
-        return Plan(start, clean_end + masks, start, logit_pos, ids=ids, groups=groups)
+        self._fed_blocks = [(a, made) for a, made in self._blocks(n, drafts) if made > 0]
+        ids = self.toks[start:] + drafts
+        logit_pos = list(range(n - 1, clean_end))
+        if not self.every_length:  # one block after the clean positions, seeing all of them: visibility groups
+            masks = self._fed_blocks[0][1] + 1 if self._fed_blocks else 0
+            groups = list(range(start, clean_end)) + [clean_end] * masks
+            logit_pos += list(range(clean_end, clean_end + masks - 1))
+            return Plan(start, clean_end + masks, start, logit_pos, ids=ids + [self.mask_id] * masks, groups=groups)
+        positions, slot = list(range(start, clean_end)), clean_end
+        owner = [-1] * (clean_end - start)  # mask block of each fed slot (-1: clean)
+        for b, (a, made) in enumerate(self._fed_blocks):
+            positions += range(n + a, n + a + made + 1)
+            owner += [b] * (made + 1)
+            logit_pos += range(slot, slot + made)
+            slot += made + 1
+        ids += [self.mask_id] * (slot - clean_end)
+        return Plan(start, slot, start, logit_pos, ids=ids, positions=positions,
+                    visible=self._every_length_visibility(start, n, owner, positions))
+
+    def _every_length_visibility(self, start: int, n: int, owner: list[int], positions: list[int]) -> torch.Tensor:
+        """Clean slots are token-causal; a mask block sees the clean slots before its own first position (the
+        prefix it assumes accepted) and itself, both ways."""
+        owner_t, pos_t = torch.tensor(owner), torch.tensor(positions)
+        clean = owner_t < 0
+        first = {b: positions[owner.index(b)] for b in set(owner) if b >= 0}
+        seen_upto = torch.tensor([p + 1 if b < 0 else first[b] for b, p in zip(owner, positions)])  # clean keys
+        visible = clean[None, :] & (pos_t[None, :] < seen_upto[:, None])
+        return visible | ((owner_t[None, :] == owner_t[:, None]) & ~clean[:, None])
 
     def apply(self, plan: Plan, logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
               generator: torch.Generator | None) -> tuple[int, int]:
-        """Accept drafts against the clean logits (rows 0 .. len(drafts)), take the next drafts from the mask rows;
-        returns the committed length before and after."""
+        """Accept drafts against the clean logits (rows 0 .. len(drafts)), take the next drafts from the rows of
+        the mask block that assumed exactly the accepted drafts; returns the committed length before and after."""
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
@@ -87,10 +123,12 @@ class VerifyState:
         self.accepted_drafts += accepted
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
-        if accepted == len(drafts) and logits.shape[0] > len(drafts) + 1:
-            self.drafts, self.draft_probs = policy.draft(logits[len(drafts) + 1:], sampling, generator)
-        else:
-            self.drafts, self.draft_probs = [], None
+        self.drafts, self.draft_probs = [], None
+        row = len(drafts) + 1
+        for a, made in self._fed_blocks:
+            if a == accepted:
+                self.drafts, self.draft_probs = policy.draft(logits[row:row + made], sampling, generator)
+            row += made
         return old, len(self.toks)
 
     def release(self) -> None:
