@@ -86,3 +86,46 @@ def test_an_unfinished_run_is_resumed(repo):
     res, calls = _main_sh(repo)
     assert res.returncode == 0 and "resuming the unfinished conversion" in res.stderr
     assert calls[0] == f"convert --model smollm2-135m --output {RUN} --max-minutes 25 --resume"
+
+
+def test_ship_drafter_packs_a_finished_run_in_half_precision(tmp_path):
+    """scripts/ship_drafter.py: a finished drafter run becomes a shipped folder (half-precision adapter, tokenizer,
+    training record with the command and the acceptance curve) that loads like any dLM; other runs are refused."""
+    import dataclasses
+
+    import torch
+    from safetensors import safe_open
+
+    from ar2dlm.model.dlm import BlockDiffusionLM
+    from ar2dlm.model.drafter import GatedDrafterLM
+    from ar2dlm.model.loading import load_base
+    from ar2dlm.testing import tiny_base
+    from ar2dlm.training.config import ConvertConfig
+
+    base = tiny_base(tmp_path)
+    model, tok = load_base(str(base))
+    run = tmp_path / "run"
+    GatedDrafterLM.from_base(model, tok, block_size=4, base_model=str(base), rank=2).save_pretrained(run / "model", tok)
+    cfg = ConvertConfig(model=str(base), output=str(run), drafter=True, lora_rank=2, data="/x/gsm8k_train.jsonl")
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    metrics = [{"step": 0, "heldout_draft_acc_1": 0.1, "heldout_draft_acc_2": 0.0, "heldout_draft_accepted": 0.1},
+               {"step": 5, "tokens": 900, "loss": 2.0},
+               {"step": 5, "heldout_draft_acc_1": 0.5, "heldout_draft_acc_2": 0.25, "heldout_draft_accepted": 0.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    script = [sys.executable, str(REPO / "scripts" / "ship_drafter.py")]
+    dest = tmp_path / "drafters"
+    refused = subprocess.run(script + [str(base), "--dest", str(dest)], capture_output=True, text=True)
+    assert refused.returncode == 1 and "not a finished drafter run" in refused.stderr
+    assert not dest.exists() or not any(dest.iterdir())
+    (run / "summary.json").write_text(json.dumps({"drafter": {"after": {}}}))
+    res = subprocess.run(script + [str(run), "--dest", str(dest), "--name", "tiny-dlm"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    folder = dest / "tiny-dlm"
+    record = json.loads((folder / "training.json").read_text())
+    assert record["command"] == (f"ar2dlm convert --lora-rank 2 --model {base} --data gsm8k_train.jsonl --drafter")
+    assert [p["training_tokens"] for p in record["curve"]] == [0, 900]
+    assert record["curve"][-1]["tokens_per_verify_step"] == 1.6 and record["training_tokens"] == 900
+    with safe_open(str(folder / "drafter.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    loaded, _ = BlockDiffusionLM.from_pretrained(folder)
+    assert isinstance(loaded, GatedDrafterLM) and loaded.mask_embedding.dtype == torch.float32

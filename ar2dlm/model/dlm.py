@@ -309,10 +309,12 @@ class BlockDiffusionLM(nn.Module):
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         merge_lora: bool = True,
     ) -> tuple["BlockDiffusionLM", object]:
-        """Load a saved dLM (full, LoRA or gated drafter) and its tokenizer."""
+        """Load a saved dLM (full, LoRA or gated drafter; a folder or a shipped dLM's name) and its tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(path)
+        from ar2dlm.model.loading import resolve_dlm_path
+
+        path = resolve_dlm_path(path)
         if not path.is_dir():
             raise Ar2dlmError(f"no dLM checkpoint at {path}")
         from ar2dlm.model import drafter

@@ -178,15 +178,17 @@ class GatedDrafterLM(BlockDiffusionLM):
         return torch.cat([noisy_hidden, clean_hidden], dim=1)
 
     # ----------------------------------------------------------------------------------------------- save/load
-    def adapter_state(self) -> dict[str, torch.Tensor]:
+    def adapter_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The trained weights only: every LoRA matrix, by its layer's name, and the mask-token row."""
-        state = {f"{name}.{part}": getattr(m, part).detach().float().cpu().contiguous()
+        state = {f"{name}.{part}": getattr(m, part).detach().to("cpu", dtype).contiguous()
                  for name, m in self.backbone.named_modules() if isinstance(m, GatedLoRALinear)
                  for part in ("lora_A", "lora_B")}
-        state["mask_embedding"] = self.mask_embedding.detach().float().cpu().contiguous()
+        state["mask_embedding"] = self.mask_embedding.detach().to("cpu", dtype).contiguous()
         return state
 
-    def save_pretrained(self, path: str | os.PathLike, tokenizer=None, base_model: str | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None, base_model: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> None:
+        """An adapter folder; `dtype` float16 halves the file (loading casts back to the model's dtype)."""
         from safetensors.torch import save_file
 
         from ar2dlm.utils.files import atomic_dir
@@ -195,7 +197,7 @@ class GatedDrafterLM(BlockDiffusionLM):
         if base_model is None:
             raise Ar2dlmError("saving a drafter needs the parent model it loads on top of")
         with atomic_dir(path) as tmp:
-            save_file(self.adapter_state(), str(Path(tmp) / DRAFTER_WEIGHTS_FILE))
+            save_file(self.adapter_state(dtype), str(Path(tmp) / DRAFTER_WEIGHTS_FILE))
             meta = {"dlm": asdict(self.config), "base_model": base_model, "drafter": self.lora_settings,
                     "vocab_size": self.backbone.get_input_embeddings().weight.shape[0]}
             (Path(tmp) / DLM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))

@@ -43,6 +43,24 @@ EMBEDDED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+# dLMs shipped inside the package (a few MB each: gated drafters on an embedded parent), by name. Their folders sit
+# in `ar2dlm/drafters/<name>/` and load like any saved dLM folder, so the name is accepted wherever a dLM folder is.
+EMBEDDED_DLMS = {
+    "smollm2-135m-dlm": "gated drafter (lossless `verify` policy) for smollm2-135m, trained with ar2dlm convert --drafter",
+}
+DEFAULT_DLM = "smollm2-135m-dlm"
+EMBEDDED_DLM_ROOT = Path(__file__).resolve().parent.parent / "drafters"
+
+
+def resolve_dlm_path(spec: str | os.PathLike) -> Path:
+    """The folder of a dLM spec: a shipped dLM's folder inside the package for its name, else the path itself."""
+    if isinstance(spec, str) and spec in EMBEDDED_DLMS:
+        folder = EMBEDDED_DLM_ROOT / spec
+        if not folder.is_dir():
+            raise Ar2dlmError(f"the shipped dLM {spec!r} is missing from this installation ({folder})")
+        return folder
+    return Path(spec).expanduser()
+
 
 def cache_dir() -> Path:
     root = os.environ.get("AR2DLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ar2dlm")

@@ -15,14 +15,16 @@ from pathlib import Path
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, DLM_CONFIG_FILE, BlockDiffusionLM
 
-MODEL_SPEC_HELP = ("dLM folder; a plain AR model (folder, .gguf, embedded name, hub id) runs as a block-size-1 dLM "
-                   "(use it with --policy ar)")
+MODEL_SPEC_HELP = ("dLM folder or shipped dLM name (smollm2-135m-dlm); a plain AR model (folder, .gguf, embedded "
+                   "name, hub id) runs as a block-size-1 dLM (use it with --policy ar)")
 
 
 def is_dlm_folder(path: str | Path) -> bool:
-    """A folder saved by ar2dlm as a dLM: an adapter (LoRA or drafter) with its dLM settings, or a full checkpoint
-    whose config.json carries the `dlm` entry."""
-    path = Path(path).expanduser()
+    """A folder saved by ar2dlm as a dLM (or a shipped dLM's name): an adapter (LoRA or drafter) with its dLM
+    settings, or a full checkpoint whose config.json carries the `dlm` entry."""
+    from ar2dlm.model.loading import resolve_dlm_path
+
+    path = resolve_dlm_path(path)
     if not path.is_dir():
         return False
     if (path / ADAPTER_CONFIG_FILE).exists() or (path / DLM_CONFIG_FILE).exists():
@@ -52,10 +54,10 @@ def open_for_decoding(spec: str, device=None, what: str = "model"):
     """(dLM, tokenizer, is_dlm), in eval mode on `device` (None: where it loads, the CPU). A dLM folder loads as
     saved; anything else loads as a base AR model wrapped as a block-size-1 dLM that records `spec` as its parent.
     `what` names the model in the error for a local path that does not exist ("AR parent")."""
-    from ar2dlm.model.loading import EMBEDDED_MODELS, load_base
+    from ar2dlm.model.loading import EMBEDDED_DLMS, EMBEDDED_MODELS, load_base, resolve_dlm_path
 
-    path = Path(spec).expanduser()
-    if spec not in EMBEDDED_MODELS and not path.exists() and _looks_local(spec):
+    path = resolve_dlm_path(spec)
+    if spec not in EMBEDDED_MODELS and spec not in EMBEDDED_DLMS and not path.exists() and _looks_local(spec):
         raise Ar2dlmError(f"{what} not found: {spec}")
     check_not_run_folder(spec, "--model" if what == "model" else what)
     target = "cpu" if device is None else device

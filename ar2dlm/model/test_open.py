@@ -71,3 +71,45 @@ def test_context_length_of_a_dlm_a_model_and_a_config(folders):
     dlm, _, _ = open_for_decoding(str(folders["dlm"]))
     assert context_length(dlm) == context_length(dlm.backbone) == context_length(dlm.hf_config) == 256
     assert context_length(DLMConfig()) is None and context_length(object()) is None
+
+
+def test_a_shipped_dlm_name_opens_its_folder_in_the_package(folders, monkeypatch):
+    """A name in EMBEDDED_DLMS stands for its folder under the package root, wherever a dLM folder is accepted; a
+    half-precision drafter loads back into a float32 model within half-precision rounding."""
+    from ar2dlm.model import loading
+    from ar2dlm.model.drafter import GatedDrafterLM
+
+    model, tok = load_base(str(folders["base"]))
+    drafter = GatedDrafterLM.from_base(model, tok, block_size=4, base_model=str(folders["base"]), rank=2)
+    with torch.no_grad():
+        drafter.mask_embedding.normal_()
+    root = folders["root"] / "shipped"
+    drafter.save_pretrained(root / "tiny-dlm", tok, dtype=torch.float16)
+    monkeypatch.setattr(loading, "EMBEDDED_DLMS", {"tiny-dlm": "test", "gone-dlm": "test"})
+    monkeypatch.setattr(loading, "EMBEDDED_DLM_ROOT", root)
+    assert is_dlm_folder("tiny-dlm")
+    dlm, _, is_dlm = open_for_decoding("tiny-dlm")
+    assert is_dlm and dlm.mask_embedding.dtype == torch.float32
+    torch.testing.assert_close(dlm.mask_embedding, drafter.mask_embedding.half().float())
+    assert BlockDiffusionLM.from_pretrained("tiny-dlm")[0].config.block_size == 4
+    with pytest.raises(Ar2dlmError, match="missing"):
+        open_for_decoding("gone-dlm")
+
+
+def test_the_default_shipped_dlm_is_in_the_package_and_small():
+    """The shipped drafter: on the embedded parent, at most 20 MB, half precision, with its training record."""
+    import json
+
+    from safetensors import safe_open
+
+    from ar2dlm.model.loading import DEFAULT_DLM, EMBEDDED_MODELS, resolve_dlm_path
+
+    folder = resolve_dlm_path(DEFAULT_DLM)
+    assert is_dlm_folder(folder)
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 20 * 2 ** 20
+    meta = json.loads((folder / "dlm_config.json").read_text())
+    assert meta["base_model"] in EMBEDDED_MODELS and meta["dlm"]["token_shift"]
+    with safe_open(str(folder / "drafter.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    record = json.loads((folder / "training.json").read_text())
+    assert record["command"].startswith("ar2dlm convert") and record["curve"]

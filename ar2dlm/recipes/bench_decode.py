@@ -89,7 +89,7 @@ DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_paralle
 
 @dataclass
 class DecodeBenchConfig:
-    model: str = field(metadata={"help": "converted dLM folder"})
+    model: str = field(metadata={"help": "converted dLM folder, or a shipped dLM's name (smollm2-135m-dlm)"})
     base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
     prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
     policies: str = field(default="threshold:0.9,threshold:0.7,entropy:0.5", metadata={
@@ -256,10 +256,10 @@ def _load_models(cfg: DecodeBenchConfig, device: torch.device) -> _Models:
     """The dLM, the AR parent for HF generate, and a second copy of the parent wrapped as a block-size-1 dLM for our
     engine (wrapping adds the mask token's row, which must not touch HF generate's model)."""
     from ar2dlm.model.dlm import BlockDiffusionLM
-    from ar2dlm.model.loading import load_base
+    from ar2dlm.model.loading import load_base, resolve_dlm_path
     from ar2dlm.model.open import check_not_run_folder, open_for_decoding, parent_spec
 
-    path = Path(cfg.model).expanduser()
+    path = resolve_dlm_path(cfg.model)
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM folder at {cfg.model}")
     check_not_run_folder(cfg.model)

@@ -23,6 +23,7 @@ from ar2dlm.distillation.samples import SampleConfig, block_size_at, build_micro
 from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajectories, write_trajectories
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.loading import resolve_dlm_path
 from ar2dlm.model.open import check_not_run_folder, parent_spec
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig, TrainConfig, option
@@ -244,7 +245,7 @@ def _distill(cfg: DistillConfig, info, device) -> dict:
     out = Path(cfg.output)
     check_run_folder(cfg)
     torch.manual_seed(cfg.seed)
-    path = Path(cfg.model)
+    path = resolve_dlm_path(cfg.model)
     dlm, tokenizer = _load_student(cfg, path, device)
     trajs = prepare_trajectories(cfg, dlm, tokenizer, info)
     train, held = split_heldout(trajs, cfg.heldout, seed=cfg.seed)
