@@ -45,8 +45,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ar2dlm.engine.cost import forward_cost
+from ar2dlm.engine.draft_length import COST_CONTEXT, DraftLengthChooser
 from ar2dlm.engine.output import GenerationResult, default_stop_ids, encode_prompt
-from ar2dlm.engine.params import DecodeParams
+from ar2dlm.engine.params import AUTO, DecodeParams
 from ar2dlm.engine.request import Request, RequestOutput
 from ar2dlm.engine.runner import ModelRunner
 from ar2dlm.engine.scheduler import Scheduler, SchedulerLimits
@@ -69,6 +71,7 @@ class TextStream:
 class Engine:
     def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096):
         self.runner = ModelRunner(dlm)
+        self._choosers: dict[bool, DraftLengthChooser] = {}
         self.dlm = self.runner.dlm
         self.tokenizer = tokenizer
         self.context = context_length(dlm)
@@ -90,10 +93,22 @@ class Engine:
         stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else \
             set(default_stop_ids(self.tokenizer, self.dlm.hf_config))
         req = Request(request_id, ids, params, self._room(ids, params.max_new_tokens), self.dlm.config, stop_ids,
-                      self.tokenizer, self.dlm.device)
+                      self.tokenizer, self.dlm.device, self._draft_chooser(params))
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _draft_chooser(self, params: DecodeParams) -> DraftLengthChooser | None:
+        """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout; its cost
+        curve is measured on first use)."""
+        if params.policy != "verify" or params.draft_len != AUTO:
+            return None
+        key = params.draft_every_length
+        if key not in self._choosers:
+            self._choosers[key] = DraftLengthChooser(
+                max(1, self.dlm.config.block_size - 1), key,
+                lambda widths: forward_cost(self.dlm, widths, context=COST_CONTEXT, repeats=3))
+        return self._choosers[key]
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (waiting or running); its cache row is free for the next step. False if unknown/over."""

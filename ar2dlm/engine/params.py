@@ -23,6 +23,9 @@ from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, Policy, Sampling, make
 from ar2dlm.errors import Ar2dlmError
 
 
+AUTO = "auto"  # draft_len chosen by the engine (see engine/draft_length.py)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecodeParams:
     policy: str = field(default="threshold", metadata={"help": "commit policy", "choices": list(POLICIES)})
@@ -30,8 +33,10 @@ class DecodeParams:
         "help": "threshold: commit tokens whose confidence is above this (default 0.9); entropy: below this many "
                 "nats (default 0.5)"})
     steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
-    draft_len: int | None = field(default=None, metadata={
-        "help": "verify: drafts checked per forward (default: the model's block size - 1)"})
+    draft_len: int | str | None = field(default=None, metadata={
+        "words": ("auto",),
+        "help": "verify: drafts checked per forward (default: the model's block size - 1); auto: chosen every "
+                "forward from this machine's measured forward cost per width and the acceptance seen so far"})
     draft_every_length: bool = field(default=False, metadata={
         "help": "verify: draft for every acceptance length in the same forward (TiDAR), so the forward after a "
                 "rejected draft has drafts too; feeds (drafts + 1)^2 mask positions instead of drafts + 1"})
@@ -70,8 +75,9 @@ class DecodeParams:
             raise Ar2dlmError("draft_every_length is a setting of the verify policy")
         if self.block_parallel and self.policy in ("ar", "verify"):
             raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
-        if self.draft_len is not None and self.draft_len < 1:
-            raise Ar2dlmError(f"draft_len must be >= 1, got {self.draft_len}")
+        if self.draft_len is not None and self.draft_len != AUTO and (
+                isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or self.draft_len < 1):
+            raise Ar2dlmError(f"draft_len must be an integer >= 1 or {AUTO!r}, got {self.draft_len!r}")
         for name in ("p_add", "activate_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise Ar2dlmError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -176,11 +182,23 @@ def _scalar_type(key: str) -> tuple[type, bool]:
     return tp, optional
 
 
+def _words(key: str) -> tuple[str, ...]:
+    """Words a numeric field also accepts (`draft_len`: auto)."""
+    return next(f.metadata.get("words", ()) for f in dataclasses.fields(DecodeParams) if f.name == key)
+
+
+def _type_words(key: str, tp: type) -> str:
+    """What a field takes, in words: `an integer`, `an integer or auto`."""
+    return " or ".join([_TYPE_WORDS.get(tp, tp.__name__), *_words(key)])
+
+
 def _parse_value(key: str, text: str, what: str):
     tp, optional = _scalar_type(key)
     text = text.strip()
     if optional and text.lower() == "none":
         return None
+    if text.lower() in _words(key):
+        return text.lower()
     if key == "stop_token_ids":  # a list field given as text: comma-separated ids
         return tuple(_parse_value("max_new_tokens", t, what) for t in text.split(",") if t.strip())
     if tp is bool:
@@ -195,13 +213,15 @@ def _parse_value(key: str, text: str, what: str):
             return tp(text)
         except (TypeError, ValueError):
             pass
-    raise Ar2dlmError(f"{what}: {text!r} is not {_TYPE_WORDS.get(tp, tp.__name__)}")
+    raise Ar2dlmError(f"{what}: {text!r} is not {_type_words(key, tp)}")
 
 
 def _check_type(key: str, value):
     tp, optional = _scalar_type(key)
     if value is None and optional:
         return None
+    if isinstance(value, str) and value.lower() in _words(key):
+        return value.lower()
     if typing.get_origin(_HINTS[key]) is tuple or key in ("stop_strings", "stop_token_ids"):
         items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, tp) and not isinstance(v, bool)
@@ -214,7 +234,7 @@ def _check_type(key: str, value):
     if tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise Ar2dlmError(f"{key} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {value!r}")
+        raise Ar2dlmError(f"{key} must be {_type_words(key, tp)}, got {value!r}")
     return tp(value)
 
 

@@ -37,7 +37,7 @@ class VerifyState:
     """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool,
-                 every_length: bool = False):
+                 every_length: bool = False, chooser=None):
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
@@ -46,6 +46,8 @@ class VerifyState:
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
         self.draft_len, self.mask_id, self.every_length = draft_len, mask_id, every_length
+        # draft_len auto: a DraftLengthChooser picks the length of every forward, at most `draft_len`
+        self.chooser, self.max_draft_len = chooser, draft_len
         self._fed_blocks: list[tuple[int, int]] = []  # the mask blocks of the last plan: (accepted, drafts made)
         self.toks = list(prompt_ids)  # committed tokens; toks[-1] is not in the cache yet
         self.drafts: list[int] = []
@@ -60,14 +62,14 @@ class VerifyState:
         return len(self.toks)
 
     def _fed_drafts(self) -> list[int]:
-        """The drafts this forward checks: none that would land at or past the length limit."""
-        return self.drafts[:max(self.limit - len(self.toks) - 1, 0)]
+        """The drafts this forward checks: at most the draft length, none at or past the length limit."""
+        return self.drafts[:max(min(self.draft_len, self.limit - len(self.toks) - 1), 0)]
 
     @property
     def slot_limit(self) -> int:
         """Cache slots this sequence may write: its length limit, and with drafts for every acceptance length the
         mask blocks past it (at most `draft_len + 1` blocks of `draft_len + 1` masks)."""
-        return self.limit + (self.draft_len + 1) ** 2 if self.every_length else self.limit
+        return self.limit + (self.max_draft_len + 1) ** 2 if self.every_length else self.limit
 
     def _blocks(self, n: int, drafts: list[int]) -> list[tuple[int, int]]:
         """(accepted drafts assumed, drafts it makes) for each mask block this forward feeds: the block after all
@@ -80,6 +82,8 @@ class VerifyState:
     def plan(self) -> Plan:
         """Feed [uncached committed | drafts | mask blocks]; read the logits of every clean position from the last
         committed token on, and of the mask positions that draft a position before the length limit."""
+        if self.chooser is not None:
+            self.draft_len = self.chooser.choose()
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
         self._fed_blocks = [(a, made) for a, made in self._blocks(n, drafts) if made > 0]
@@ -121,6 +125,8 @@ class VerifyState:
         accepted, token = policy.accept(drafts, q, logits[:len(drafts) + 1], sampling, generator)
         self.offered_drafts += len(drafts)
         self.accepted_drafts += accepted
+        if self.chooser is not None and drafts:
+            self.chooser.record(len(drafts), accepted)
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
         self.drafts, self.draft_probs = [], None

@@ -14,14 +14,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from ar2dlm.engine import DecodeParams, check_text
+from ar2dlm.engine.draft_length import verify_width
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.serving.body import field
 from ar2dlm.serving.errors import ApiError, invalid
 from ar2dlm.serving.settings import ServeSettings
 
 MAX_STOP_STRINGS = 16
-# verify feeds draft_len + 1 mask positions every forward: a request must not make one forward arbitrarily wide
-MAX_DRAFT_LEN = 64
+# verify feeds draft_len + 1 mask positions every forward ((draft_len + 1)^2 when drafting for every acceptance
+# length): a request must not make one forward arbitrarily wide
+MAX_VERIFY_WIDTH = 130
 _NO_CONTEXT_CAP = 1 << 20  # max_tokens cap for a model whose config states no context length
 
 # fields that set nothing here but that clients send
@@ -159,8 +161,11 @@ def _with_ar2dlm_fields(extra: dict, base: dict) -> DecodeParams:
         params = DecodeParams.from_mapping(extra, **base)
     except (Ar2dlmError, TypeError, ValueError) as e:  # the last two: a value a constructor refused
         raise invalid(f"ar2dlm: {e}", param="ar2dlm") from None
-    if params.draft_len is not None and params.draft_len > MAX_DRAFT_LEN:
-        raise invalid(f"ar2dlm.draft_len must be at most {MAX_DRAFT_LEN} on this server, got {params.draft_len}",
+    every = params.draft_every_length
+    if isinstance(params.draft_len, int) and verify_width(params.draft_len, every) > MAX_VERIFY_WIDTH:
+        most = max(d for d in range(1, MAX_VERIFY_WIDTH) if verify_width(d, every) <= MAX_VERIFY_WIDTH)
+        raise invalid(f"ar2dlm.draft_len must be at most {most} on this server"
+                      f"{' with draft_every_length' if every else ''}, got {params.draft_len}",
                       param="ar2dlm.draft_len")
     return params
 

@@ -30,7 +30,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
                        title: str | None = None) -> None:
     """Add `--field-name` for every field of `cls`; help comes from field metadata['help'], the flag name from
     metadata['flag'] when given; fields with metadata['cli'] False are left out. A tuple field is a repeatable flag.
-    `defaults` overrides the dataclass defaults on this parser."""
+    `defaults` overrides the dataclass defaults on this parser; metadata['words'] lets a numeric flag also take those
+    words."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(title or cls.__name__)
     defaults = defaults or {}
@@ -49,8 +50,24 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         elif repeated:
             group.add_argument(flag, dest=f.name, type=tp, action="append", default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=default, choices=f.metadata.get("choices"),
-                               required=required, help=f"{help_text}{shown}")
+            words = f.metadata.get("words")
+            group.add_argument(flag, dest=f.name, type=_or_words(tp, words) if words else tp, default=default,
+                               choices=f.metadata.get("choices"), required=required, help=f"{help_text}{shown}")
+
+
+def _or_words(tp, words: tuple[str, ...]):
+    """An argparse type: one of `words`, or a value of `tp` (`--draft-len 3` or `--draft-len auto`)."""
+
+    def parse(text: str):
+        if text.lower() in words:
+            return text.lower()
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {' or '.join(words)} or a {tp.__name__}, got {text!r}")
+
+    parse.__name__ = f"{tp.__name__} or {'/'.join(words)}"
+    return parse
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **given):
