@@ -1,5 +1,6 @@
-"""scripts/main.sh decides what to run: convert (or resume) then compare, or reuse a finished run and say so. Run
-against stand-ins for `ar2dlm` and env.sh that record the commands instead of converting anything."""
+"""scripts/main.sh decides what to run: by default the shipped dLM beside its parent (`ar2dlm bench`); with `convert`,
+convert (or resume) then compare, or reuse a finished run and say so. Run against stand-ins for `ar2dlm` and env.sh
+that record the commands instead of running anything."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from ar2dlm.training.test_summary import CONVERT
 
 REPO = Path(__file__).resolve().parent.parent
-RUN = "runs/smollm2-135m-dlm"
+RUN = "runs/smollm2-135m-convert"
 
 
 @pytest.fixture
@@ -46,8 +47,16 @@ def _finished_run(repo: Path, folder: str = RUN) -> None:
     (repo / folder / "summary.json").write_text(json.dumps(CONVERT))
 
 
+def test_by_default_the_shipped_dlm_is_benched_beside_its_parent(repo):
+    res, calls = _main_sh(repo, "--max-new-tokens", "32")
+    assert res.returncode == 0, res.stderr
+    assert calls == ["bench --model smollm2-135m-dlm --policies verify,verify:auto+all,threshold:0.9 --batch-sizes 1 "
+                     "--max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "
+                     "--max-new-tokens 32"]
+
+
 def test_a_fresh_folder_is_converted_with_the_extra_arguments_then_compared(repo):
-    res, calls = _main_sh(repo, "--max-minutes", "10")
+    res, calls = _main_sh(repo, "convert", "--max-minutes", "10")
     assert res.returncode == 0, res.stderr
     assert calls == [f"convert --model smollm2-135m --output {RUN} --max-minutes 25 --max-minutes 10",
                      f"compare --model {RUN}/model --thresholds 0.9,0.7,0.5 --json-out {RUN}/compare.json"]
@@ -55,7 +64,7 @@ def test_a_fresh_folder_is_converted_with_the_extra_arguments_then_compared(repo
 
 def test_a_finished_run_is_reused_and_ignored_arguments_are_named(repo):
     _finished_run(repo)
-    res, calls = _main_sh(repo, "--max-steps", "5")
+    res, calls = _main_sh(repo, "convert", "--max-steps", "5")
     assert res.returncode == 0, res.stderr
     assert [c.split()[0] for c in calls] == ["compare"]
     assert "NOT converting again with: --max-steps 5" in res.stderr and f"rm -r {RUN}" in res.stderr
@@ -66,14 +75,14 @@ def test_a_finished_run_is_reused_and_ignored_arguments_are_named(repo):
 
 def test_a_finished_run_without_arguments_is_reused_quietly(repo):
     _finished_run(repo)
-    res, calls = _main_sh(repo)
+    res, calls = _main_sh(repo, "convert")
     assert res.returncode == 0 and res.stderr == "" and [c.split()[0] for c in calls] == ["compare"]
     assert "Reusing the finished conversion" in res.stdout
 
 
 def test_a_new_output_folder_converts_again(repo):
     _finished_run(repo)
-    res, calls = _main_sh(repo, "--output", "runs/again", "--max-steps", "5")
+    res, calls = _main_sh(repo, "convert", "--output", "runs/again", "--max-steps", "5")
     assert res.returncode == 0, res.stderr
     assert calls[0] == "convert --model smollm2-135m --output runs/again --max-minutes 25 --output runs/again " \
                        "--max-steps 5"
@@ -83,7 +92,7 @@ def test_a_new_output_folder_converts_again(repo):
 def test_an_unfinished_run_is_resumed(repo):
     (repo / RUN / "checkpoint").mkdir(parents=True)
     (repo / RUN / "checkpoint" / "state.pt").write_text("x")
-    res, calls = _main_sh(repo)
+    res, calls = _main_sh(repo, "convert")
     assert res.returncode == 0 and "resuming the unfinished conversion" in res.stderr
     assert calls[0] == f"convert --model smollm2-135m --output {RUN} --max-minutes 25 --resume"
 

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Convert the embedded default model (SmolLM2-135M-Instruct) into a block-diffusion LM with the default recipe, then
-# show what it learned: held-out masked-token accuracy before/after, and the AR parent and the dLM answering the same
-# prompts side by side (TPF, agreement). Extra arguments go to `ar2dlm convert` (e.g. --max-minutes 10); an
-# --output among them names the run folder (default runs/smollm2-135m-dlm).
+# The product on the embedded default, in a few minutes and without training anything first:
 #
-# A folder that already holds a finished conversion is reused, never converted over: with extra arguments it says
-# so, since they then change nothing. An unfinished one (killed mid-run) is resumed.
+#   bash scripts/main.sh            # the shipped dLM (smollm2-135m-dlm, a drafter for SmolLM2-135M-Instruct) beside
+#                                   # its AR parent on the same prompts: HF generate, HF prompt-lookup decoding, the
+#                                   # lossless verify policy and a fast lossy policy (tokens/s, tokens per forward,
+#                                   # agreement with the parent). Extra arguments go to `ar2dlm bench`.
+#   bash scripts/main.sh convert    # convert the parent into a dLM yourself with the default recipe (about 20
+#                                   # minutes on 2 idle cores), then compare it with the parent. Extra arguments go
+#                                   # to `ar2dlm convert`; an --output among them names the run folder (default
+#                                   # runs/smollm2-135m-convert).
+#
+# convert: a folder that already holds a finished conversion is reused, never converted over: with extra arguments it
+# says so, since they then change nothing. An unfinished one (killed mid-run) is resumed.
 source "$(dirname "$0")/env.sh"
-out=runs/smollm2-135m-dlm
+
+if [ "${1:-}" != convert ]; then
+  mkdir -p runs/main
+  ar2dlm bench --model smollm2-135m-dlm --policies verify,verify:auto+all,threshold:0.9 --batch-sizes 1 \
+    --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "$@"
+  exit
+fi
+shift
+out=runs/smollm2-135m-convert
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in

@@ -41,7 +41,7 @@ HELDOUT_SEED = 1234
 
 @dataclass
 class DistillConfig(TrainConfig):
-    model: str = option("runs/smollm2-135m-dlm/model", "the converted dLM to distill (the student)")
+    model: str = option("runs/smollm2-135m-convert/model", "the converted dLM to distill (the student)")
     output: str = option("runs/distill", "output folder: distilled dLM, trajectories, checkpoints, metrics, plot")
     teacher: str | None = option(None, "teacher dLM for the trajectories (default: the student as it starts)")
     data: str = option("self", "prompts and answers: a chat/instruction file, a hub id, or 'self' (the base model's "

@@ -1,7 +1,7 @@
 """A finished training run's summary (`summary.json` of `convert` or `distill`) in a few plain lines: what was trained,
 how long, what bounded it, and what it learned on held-out data. The JSON keeps every number; this is what people read.
 
-    python -m ar2dlm.training.summary runs/smollm2-135m-dlm     # what scripts/main.sh prints for a finished run
+    python -m ar2dlm.training.summary runs/smollm2-135m-convert   # what scripts/main.sh prints for a finished run
 """
 
 from __future__ import annotations
