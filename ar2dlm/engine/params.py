@@ -28,7 +28,9 @@ AUTO = "auto"  # draft_len chosen by the engine (see engine/draft_length.py)
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeParams:
-    policy: str = field(default="threshold", metadata={"help": "commit policy", "choices": list(POLICIES)})
+    policy: str = field(default="threshold", metadata={
+        "help": "commit policy (default: threshold; generate, chat and serve decode a gated drafter with its "
+                "lossless verify unless this is given)", "choices": list(POLICIES)})
     tau: float | None = field(default=None, metadata={
         "help": "threshold: commit tokens whose confidence is above this (default 0.9); entropy: below this many "
                 "nats (default 0.5)"})
@@ -245,6 +247,24 @@ def add_decode_args(parser: argparse.ArgumentParser, defaults: dict | None = Non
     from ar2dlm.utils.cli_config import add_dataclass_args
 
     add_dataclass_args(parser, DecodeParams, skip=skip, defaults=defaults, title="decoding")
+
+
+def policy_was_given(args: argparse.Namespace) -> bool:
+    """For commands whose --policy default depends on the model (`add_decode_args(parser, defaults={"policy":
+    None})`): whether the user typed --policy. When not, the placeholder `threshold` goes in, and `for_model`
+    decides once the model is open."""
+    given = args.policy is not None
+    if not given:
+        args.policy = "threshold"
+    return given
+
+
+def for_model(params: DecodeParams, dlm, policy_given: bool) -> DecodeParams:
+    """The decoding parameters a model gets by default: a gated drafter decodes with its lossless `verify` unless a
+    policy was asked for (it is the parent, exactly); any other model keeps `params`."""
+    if getattr(dlm.config, "drafter", False) and not policy_given:
+        return params.replace(policy="verify", block_parallel=False)
+    return params
 
 
 def decode_params_from_args(args: argparse.Namespace, **fixed) -> DecodeParams:

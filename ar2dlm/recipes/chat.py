@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from ar2dlm.engine import DecodeParams, Engine, GenerationResult, check_text
-from ar2dlm.engine.params import add_decode_args, decode_params_from_args
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args, for_model, policy_was_given
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.open import MODEL_SPEC_HELP, open_for_decoding
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -28,15 +28,17 @@ class ChatConfig:
     model: str = field(metadata={"help": MODEL_SPEC_HELP})
     system: str | None = field(default=None, metadata={"help": "system message at the start of the conversation"})
     decode: DecodeParams = field(default_factory=DecodeParams, metadata={"cli": False})
+    policy_given: bool = field(default=True, metadata={"cli": False})  # False: the model's default policy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, ChatConfig)
-    add_decode_args(parser)
+    add_decode_args(parser, defaults={"policy": None})
 
 
 def config_from_args(args: argparse.Namespace) -> ChatConfig:
-    return dataclass_from_args(ChatConfig, args, decode=decode_params_from_args(args))
+    given = policy_was_given(args)
+    return dataclass_from_args(ChatConfig, args, decode=decode_params_from_args(args), policy_given=given)
 
 
 class ChatSession:
@@ -145,7 +147,8 @@ def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
         stderr: TextIO | None = None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     dlm, tokenizer, _ = open_for_decoding(cfg.model)
-    session = ChatSession(Engine(dlm, tokenizer), cfg.decode, cfg.system)
-    print(_dim(f"chat with {cfg.model} (block size {dlm.config.block_size}, policy {cfg.decode.policy}); {HELP}",
+    params = for_model(cfg.decode, dlm, cfg.policy_given)
+    session = ChatSession(Engine(dlm, tokenizer), params, cfg.system)
+    print(_dim(f"chat with {cfg.model} (block size {dlm.config.block_size}, policy {params.label}); {HELP}",
                stderr), file=stderr, flush=True)
     return chat_loop(session, stdin, stdout, stderr)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ar2dlm.engine import DecodeParams, Engine, GenerationResult, encode_prompt
-from ar2dlm.engine.params import add_decode_args, decode_params_from_args
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args, for_model, policy_was_given
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.open import MODEL_SPEC_HELP, open_for_decoding
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -29,6 +29,7 @@ class GenerateConfig:
     stream: bool = field(default=False, metadata={"help": "print the text as it is decoded"})
     json_out: str | None = field(default=None, metadata={"help": "also write text and metrics here"})
     decode: DecodeParams = field(default_factory=DecodeParams, metadata={"cli": False})
+    policy_given: bool = field(default=True, metadata={"cli": False})  # False: the model's default policy
 
     def __post_init__(self):
         if self.chat and self.raw:
@@ -42,27 +43,29 @@ class GenerateConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, GenerateConfig)
-    add_decode_args(parser)
+    add_decode_args(parser, defaults={"policy": None})
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    return dataclass_from_args(GenerateConfig, args, decode=decode_params_from_args(args))
+    given = policy_was_given(args)
+    return dataclass_from_args(GenerateConfig, args, decode=decode_params_from_args(args), policy_given=given)
 
 
 def run(cfg: GenerateConfig) -> GenerationResult:
     dlm, tokenizer, _ = open_for_decoding(cfg.model)
     engine = Engine(dlm, tokenizer)
+    params = for_model(cfg.decode, dlm, cfg.policy_given)
     ids = encode_prompt(tokenizer, cfg.prompt, chat=cfg.use_chat_template(tokenizer))
     if cfg.stream:
-        stream = engine.stream(ids, cfg.decode)
+        stream = engine.stream(ids, params)
         for delta in stream:
             print(delta, end="", flush=True)
         print()
         result = stream.result
     else:
-        result = engine.generate(ids, cfg.decode)
+        result = engine.generate(ids, params)
         print(result.text)
-    print(f"[{result.summary()}]", file=sys.stderr)
+    print(f"[policy {params.label} | {result.summary()}]", file=sys.stderr)
     if cfg.json_out:
         write_json(cfg.json_out, {"prompt": cfg.prompt, "text": result.text, "tokens": len(result.tokens),
                                   "nfe": result.nfe, "tpf": result.tpf, "tokens_per_s": result.tokens_per_s,

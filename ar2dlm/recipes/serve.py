@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ar2dlm.engine import DecodeParams
-from ar2dlm.engine.params import add_decode_args, decode_params_from_args
+from ar2dlm.engine.params import add_decode_args, decode_params_from_args, for_model, policy_was_given
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.open import MODEL_SPEC_HELP
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
@@ -72,17 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    given = args.policy is not None
-    if not given:
-        args.policy = "threshold"  # decided for real once the model is open (a drafter's default is verify)
+    given = policy_was_given(args)
     return dataclass_from_args(ServeConfig, args, decode=decode_params_from_args(args), policy_given=given)
 
 
 def server_defaults(cfg: ServeConfig, dlm) -> DecodeParams:
     """The request defaults: a gated drafter decodes with its lossless verify unless --policy said otherwise."""
-    if getattr(dlm.config, "drafter", False) and not cfg.policy_given:
-        return cfg.decode.replace(policy="verify", block_parallel=False)
-    return cfg.decode
+    return for_model(cfg.decode, dlm, cfg.policy_given)
 
 
 def build_app(cfg: ServeConfig):

@@ -79,3 +79,38 @@ def test_generate_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, m
     assert main(["generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ar2dlm: error: ") and message in err[0], err
+
+
+def test_a_gated_drafter_generates_the_parents_text_by_default(tmp_path, capsys):
+    """Without --policy a gated drafter decodes with its lossless verify: the parent's own greedy tokens, whatever
+    its adapter; --policy threshold is still obeyed."""
+    import json
+
+    import torch
+
+    from ar2dlm.cli import main
+    from ar2dlm.engine import Engine
+    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+    from ar2dlm.model.loading import load_base
+    from ar2dlm.model.open import open_for_decoding
+    from ar2dlm.testing import tiny_base
+
+    base = tiny_base(tmp_path)
+    model, tok = load_base(str(base))
+    drafter = GatedDrafterLM.from_base(model, tok, block_size=4, base_model=str(base), rank=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in drafter.modules():
+            if isinstance(m, GatedLoRALinear):
+                m.lora_B.normal_(0, 0.5)
+    drafter.save_pretrained(tmp_path / "drafter", tok)
+    parent, parent_tok, _ = open_for_decoding(str(base))
+    out = tmp_path / "g.json"
+    assert main(["generate", "--model", str(tmp_path / "drafter"), "--prompt", "the quick", "--raw",
+                 "--max-new-tokens", "10", "--json-out", str(out)]) == 0
+    assert "policy verify" in capsys.readouterr().err
+    expected = Engine(parent, parent_tok).generate("the quick", policy="ar", max_new_tokens=10)
+    assert json.loads(out.read_text())["text"] == expected.text
+    assert main(["generate", "--model", str(tmp_path / "drafter"), "--prompt", "the quick", "--raw",
+                 "--max-new-tokens", "10", "--policy", "threshold"]) == 0
+    assert "policy threshold" in capsys.readouterr().err
