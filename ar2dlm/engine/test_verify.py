@@ -243,3 +243,50 @@ def test_every_length_has_drafts_after_a_rejection(tok, parent_and_dlm):
             empty += not req.finished and req.state.nfe and not req.state.drafts
         assert req.tokens == _hf_greedy(parent, ids, 24)
         assert (empty == 0) if every_length else (empty > 0)
+
+
+@pytest.mark.parametrize("every_length", [False, True])
+def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length, monkeypatch):
+    """End to end through the engine: the first two sampled tokens, the second drawn by speculative sampling against
+    a draft, follow the AR model's own joint distribution (top-3 sampling, chi-square test at p = 0.001). The drafts
+    come from a fixed distribution over the tokens the AR model may pick second (a random adapter's drafts would
+    never be among its top 3), so both acceptance and rejection happen."""
+    from ar2dlm.engine.policies import filtered_probs
+
+    drafter = _random_adapter_drafter(tok)
+    ids = tok(PROMPTS[0])["input_ids"]
+    sampling = Sampling(temperature=0.3, top_k=3)  # peaked: a wrong rejection rule shows
+
+    def next_probs(prefix):
+        with torch.no_grad():
+            return filtered_probs(drafter(torch.tensor([prefix]))[0][0, -1], sampling)
+
+    p1 = next_probs(ids)
+    joint = {(a, b): p1[a].item() * q.item() for a in p1.nonzero()[:, 0].tolist()
+             for b, q in enumerate(next_probs(ids + [a])) if q > 0}
+    fixed_q = torch.zeros(p1.shape[0])
+    fixed_q[sorted({b for _, b in joint})] = 1.0
+    fixed_q[5] += 1.0  # and a token the AR model never picks there, always rejected
+    fixed_q /= fixed_q.sum()
+
+    def draft(self, mask_logits, sampling, generator):
+        q = fixed_q.expand(mask_logits.shape[0], -1)
+        return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
+
+    monkeypatch.setattr(VerifyPolicy, "draft", draft)
+    engine = Engine(drafter, tok, max_running=16)
+    n, counts, offered, accepted = 1500, Counter(), 0, 0
+    rids = [engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i,
+                                                 max_new_tokens=3, stop_token_ids=(),
+                                                 draft_every_length=every_length)) for i in range(n)]
+    requests = [engine.requests[rid] for rid in rids]  # finished requests leave the engine's table
+    while engine.has_unfinished():
+        engine.step()
+    for req in requests:
+        counts[tuple(req.tokens[:2])] += 1
+        offered += req.state.offered_drafts
+        accepted += req.state.accepted_drafts
+    assert 0 < accepted < offered  # drafts were checked, some accepted and some rejected
+    assert set(counts) <= set(joint)
+    chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
+    assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
