@@ -40,6 +40,7 @@ many queries as its longest row (the others padded); the LM-head shortcuts are t
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -55,6 +56,8 @@ from ar2dlm.engine.scheduler import Scheduler, SchedulerLimits
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.open import context_length
+
+log = logging.getLogger(__name__)
 
 
 class TextStream:
@@ -72,6 +75,7 @@ class Engine:
     def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096):
         self.runner = ModelRunner(dlm)
         self._choosers: dict[bool, DraftLengthChooser] = {}
+        self._warned_own_head = False
         self.dlm = self.runner.dlm
         self.tokenizer = tokenizer
         self.context = context_length(dlm)
@@ -94,9 +98,19 @@ class Engine:
             set(default_stop_ids(self.tokenizer, self.dlm.hf_config))
         req = Request(request_id, ids, params, self._room(ids, params.max_new_tokens), self.dlm.config, stop_ids,
                       self.tokenizer, self.dlm.device, self._draft_chooser(params))
+        self._check_verifier(params)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _check_verifier(self, params: DecodeParams) -> None:
+        """Say once that `verify` on a fully converted dLM reproduces that model's own AR head, not its parent (only a
+        gated drafter's clean positions are the parent; an AR model decoded as a block-size-1 dLM is itself)."""
+        config = self.dlm.config
+        if params.policy == "verify" and not config.drafter and config.block_size > 1 and not self._warned_own_head:
+            self._warned_own_head = True
+            log.warning("verify on a fully converted dLM: the output is exactly this model's own AR head (its clean "
+                        "stream), not its parent's; a gated drafter (convert --drafter) verifies with the parent")
 
     def _draft_chooser(self, params: DecodeParams) -> DraftLengthChooser | None:
         """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout; its cost

@@ -290,3 +290,17 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
     assert set(counts) <= set(joint)
     chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
     assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
+
+
+def test_verify_on_a_full_dlm_says_it_is_the_models_own_head(tok, parent_and_dlm, caplog):
+    _, dlm = parent_and_dlm
+    engine = Engine(dlm, tok)
+    with caplog.at_level("WARNING", logger="ar2dlm.engine.engine"):
+        engine.generate(PROMPTS[0], policy="verify", max_new_tokens=3)
+        engine.generate(PROMPTS[1], policy="verify", max_new_tokens=3)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1  # once per engine
+    assert "own AR head" in caplog.records[0].message and "not its parent" in caplog.records[0].message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ar2dlm.engine.engine"):
+        Engine(_random_adapter_drafter(tok), tok).generate(PROMPTS[0], policy="verify", max_new_tokens=3)
+    assert not caplog.records  # a gated drafter verifies with the parent itself

@@ -82,6 +82,8 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ config
 DECODE_DEFAULTS = {"max_new_tokens": 128}
+DLM_POLICIES = "threshold:0.9,threshold:0.7,entropy:0.5"
+DRAFTER_POLICIES = "verify,verify:auto+all,threshold:0.9"
 # The specs set the policy; every method decodes greedily, as HF generate does, so agreement means something.
 DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_parallel", "temperature", "top_p", "top_k",
                "seed", "stop_strings")
@@ -92,9 +94,10 @@ class DecodeBenchConfig:
     model: str = field(metadata={"help": "converted dLM folder, or a shipped dLM's name (smollm2-135m-dlm)"})
     base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
     prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
-    policies: str = field(default="threshold:0.9,threshold:0.7,entropy:0.5", metadata={
+    policies: str | None = field(default=None, metadata={
         "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar, "
-                "verify:DRAFTS; a +bp suffix decodes multi-block"})
+                "verify:DRAFTS (or verify:auto); a +bp suffix decodes multi-block, +all drafts for every acceptance "
+                f"length (default: {DRAFTER_POLICIES} for a gated drafter, else {DLM_POLICIES})"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
     prompt_lookup: int = field(default=10, metadata={
@@ -115,8 +118,10 @@ class DecodeBenchConfig:
         check_output_file(self.json_out, "--json-out")
         check_output_file(self.plot_out, "--plot-out")
 
-    def policy_specs(self) -> list[DecodeParams]:
-        return parse_policy_specs(self.policies, self.block_parallel_too, self.decode)
+    def policy_specs(self, drafter: bool = False) -> list[DecodeParams]:
+        """The specs to run; without --policies, the default for the model (a gated drafter's include verify)."""
+        default = DRAFTER_POLICIES if drafter else DLM_POLICIES
+        return parse_policy_specs(self.policies or default, self.block_parallel_too, self.decode)
 
     def batch_size_list(self) -> list[int]:
         return parse_batch_sizes(self.batch_sizes)
@@ -356,10 +361,11 @@ def _time_batch_sizes(methods: list[_Method], lookup: list[_Method], prompt_ids:
 
 
 def run(cfg: DecodeBenchConfig) -> dict:
-    specs, batch_sizes = cfg.policy_specs(), cfg.batch_size_list()
+    batch_sizes = cfg.batch_size_list()
     prompts = load_prompts(cfg.prompts)
     device = resolve_device(cfg.device)
     models = _load_models(cfg, device)
+    specs = cfg.policy_specs(drafter=models.dlm.config.drafter)
     prompt_ids = _prompt_ids(prompts, models.tok, models.parent, models.parent_tok, cfg.decode.max_new_tokens)
     methods, lookup = _build_methods(cfg, specs, models, device)
     passes = _time_batch_sizes(methods, lookup, prompt_ids, batch_sizes, cfg.warmup, device)

@@ -113,6 +113,9 @@ def test_parse_policy_specs():
     specs = parse_policy_specs("threshold:0.9,steps:2,threshold:0.9,ar", block_parallel_too=True)
     assert [s.label for s in specs] == ["threshold:0.9", "steps:2", "ar", "threshold:0.9+bp", "steps:2+bp"]
     assert parse_batch_sizes("1, 8,1") == [1, 8]
+    default = DecodeBenchConfig(model="nowhere")  # without --policies: what the model is for
+    assert [s.label for s in default.policy_specs()] == ["threshold:0.9", "threshold:0.7", "entropy:0.5"]
+    assert [s.label for s in default.policy_specs(drafter=True)] == ["verify", "verify:auto+all", "threshold:0.9"]
 
 
 @pytest.mark.parametrize("spec, match", [
