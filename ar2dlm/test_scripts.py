@@ -127,8 +127,10 @@ def test_ship_drafter_packs_a_finished_run_in_half_precision(tmp_path):
     assert refused.returncode == 1 and "not a finished drafter run" in refused.stderr
     assert not dest.exists() or not any(dest.iterdir())
     (run / "summary.json").write_text(json.dumps({"drafter": {"after": {}}}))
-    res = subprocess.run(script + [str(run), "--dest", str(dest), "--name", "tiny-dlm"], capture_output=True, text=True)
+    res = subprocess.run(script + [str(run), "--dest", str(dest), "--name", "tiny-dlm", "--plot-out",
+                                   str(tmp_path / "curve.png")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
     folder = dest / "tiny-dlm"
     record = json.loads((folder / "training.json").read_text())
     assert record["command"] == (f"ar2dlm convert --lora-rank 2 --model {base} --data gsm8k_train.jsonl --drafter")

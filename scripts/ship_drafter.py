@@ -1,12 +1,13 @@
 """Put a finished `ar2dlm convert --drafter` run into the package as a shipped dLM (default: smollm2-135m-dlm).
 
-    python scripts/ship_drafter.py RUN_FOLDER [--name smollm2-135m-dlm] [--dest ar2dlm/drafters]
+    python scripts/ship_drafter.py RUN_FOLDER [--name smollm2-135m-dlm] [--dest ar2dlm/drafters] [--plot-out PNG]
 
 Writes `<dest>/<name>/`: the adapter in half precision (`drafter.safetensors`, half the float32 file; it loads back
 into the model's dtype), `dlm_config.json`, the tokenizer, and `training.json`: the command that trained it (rebuilt
 from the run's config.json, data given by file name), the training tokens and the held-out acceptance curve from
 metrics.jsonl (draft accuracy at +1/+2/+3 and tokens per verify step at every evaluation). Refuses a run that is
-not a finished drafter run, and a result over the size limit. The folder is replaced atomically.
+not a finished drafter run, and a result over the size limit. The folder is replaced atomically. --plot-out also
+draws the acceptance curve (tokens per verify step and draft accuracy against training tokens).
 """
 
 from __future__ import annotations
@@ -59,6 +60,26 @@ def acceptance_curve(metrics_path: Path) -> list[dict]:
     return curve
 
 
+def plot_curve(curve: list[dict], title: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from ar2dlm.utils.files import save_figure
+
+    tokens = [p["training_tokens"] / 1000 for p in curve]
+    fig = Figure(figsize=(9, 3.6))
+    left, right = fig.subplots(1, 2)
+    left.plot(tokens, [p["tokens_per_verify_step"] for p in curve], marker="o")
+    left.set(xlabel="training tokens (thousands)", ylabel="tokens per verify step", title="acceptance")
+    for k in range(len(curve[0]["draft_acc"])):
+        right.plot(tokens, [100 * p["draft_acc"][k] for p in curve], marker="o", label=f"draft +{k + 1}")
+    right.set(xlabel="training tokens (thousands)", ylabel="held-out accuracy (%)", title="drafts")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def ship(run: Path, name: str, dest: Path) -> Path:
     import torch
 
@@ -94,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a finished `ar2dlm convert --drafter` output folder")
     parser.add_argument("--name", default="smollm2-135m-dlm", help="the shipped dLM's name")
     parser.add_argument("--dest", type=Path, default=REPO / "ar2dlm" / "drafters", help="where shipped dLMs live")
+    parser.add_argument("--plot-out", type=Path, help="also draw the acceptance curve here (PNG)")
     args = parser.parse_args(argv)
     try:
         folder = ship(args.run, args.name, args.dest)
+        record = json.loads((folder / "training.json").read_text())
+        if args.plot_out and record["curve"]:
+            plot_curve(record["curve"], f"{args.name}: {record['command']}"[:110], args.plot_out)
     except (Ar2dlmError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
