@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = ship(args.run, args.name, args.dest)
         record = json.loads((folder / "training.json").read_text())
         if args.plot_out and record["curve"]:
-            plot_curve(record["curve"], f"{args.name}: {record['command']}"[:110], args.plot_out)
+            plot_curve(record["curve"], f"{args.name} on {record['parent']}: held-out acceptance", args.plot_out)
     except (Ar2dlmError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
