@@ -18,6 +18,11 @@ predictions (which were conditioned on those same drafts) become the next drafts
 none and only drafts. Cache slots of rejected drafts and of the mask positions are simply rewritten by the next
 forward (the cache counts as valid up to the last committed token only).
 
+With `every_length` (TiDAR-style) the forward feeds one mask block per possible acceptance length 0..drafts instead,
+each at the positions it drafts and seeing only the clean prefix it assumes accepted; the block matching the outcome
+gives the next drafts, so a forward after a rejected draft still has drafts to check. With a `chooser`
+(`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward.
+
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
 probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
 rejection sample from max(0, p - q) normalised; the committed tokens are then distributed exactly as the AR model's
