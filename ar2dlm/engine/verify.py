@@ -101,24 +101,16 @@ class VerifyState:
             return Plan(start, clean_end + masks, start, logit_pos, ids=ids + [self.mask_id] * masks, groups=groups)
         positions, slot = list(range(start, clean_end)), clean_end
         owner = [-1] * (clean_end - start)  # mask block of each fed slot (-1: clean)
+        seen_upto = [p + 1 for p in positions]  # clean keys a fed slot reads lie below this position
         for b, (a, made) in enumerate(self._fed_blocks):
             positions += range(n + a, n + a + made + 1)
             owner += [b] * (made + 1)
+            seen_upto += [n + a] * (made + 1)  # the prefix it assumes accepted
             logit_pos += range(slot, slot + made)
             slot += made + 1
         ids += [self.mask_id] * (slot - clean_end)
         return Plan(start, slot, start, logit_pos, ids=ids, positions=positions,
-                    visible=self._every_length_visibility(start, n, owner, positions))
-
-    def _every_length_visibility(self, start: int, n: int, owner: list[int], positions: list[int]) -> torch.Tensor:
-        """Clean slots are token-causal; a mask block sees the clean slots before its own first position (the
-        prefix it assumes accepted) and itself, both ways."""
-        owner_t, pos_t = torch.tensor(owner), torch.tensor(positions)
-        clean = owner_t < 0
-        first = {b: positions[owner.index(b)] for b in set(owner) if b >= 0}
-        seen_upto = torch.tensor([p + 1 if b < 0 else first[b] for b, p in zip(owner, positions)])  # clean keys
-        visible = clean[None, :] & (pos_t[None, :] < seen_upto[:, None])
-        return visible | ((owner_t[None, :] == owner_t[:, None]) & ~clean[:, None])
+                    visible=_every_length_visibility(owner, positions, seen_upto))
 
     def apply(self, plan: Plan, logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
               generator: torch.Generator | None) -> tuple[int, int]:
@@ -144,6 +136,15 @@ class VerifyState:
 
     def release(self) -> None:
         self.drafts, self.draft_probs = [], None
+
+
+def _every_length_visibility(owner: list[int], positions: list[int], seen_upto: list[int]) -> torch.Tensor:
+    """Clean slots are token-causal; a mask block sees the clean slots before its own first position and itself,
+    both ways."""
+    owner_t, pos_t = torch.tensor(owner), torch.tensor(positions)
+    clean = owner_t < 0
+    visible = clean[None, :] & (pos_t[None, :] < torch.tensor(seen_upto)[:, None])
+    return visible | ((owner_t[None, :] == owner_t[:, None]) & ~clean[:, None])
 
 
 class VerifyPolicy:
