@@ -28,9 +28,10 @@ class _Sequence:
 
 @torch.no_grad()
 def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int = 200, repeats: int = 5,
-                 seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward feeding `width` new positions after `context` cached ones, per width."""
-    runner = ModelRunner(dlm)
+                 seed: int = 0, linear_kernel: str = "auto") -> dict[int, float]:
+    """Median seconds of one forward feeding `width` new positions after `context` cached ones, per width, with the
+    model's linear layers on `linear_kernel` (see ModelRunner)."""
+    runner = ModelRunner(dlm, linear_kernel)
     vocab = dlm.backbone.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, vocab - 1, (context + max(widths),), generator=gen).tolist()

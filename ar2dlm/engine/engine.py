@@ -72,8 +72,9 @@ class TextStream:
 
 
 class Engine:
-    def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096):
-        self.runner = ModelRunner(dlm)
+    def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096,
+                 linear_kernel: str = "auto"):
+        self.runner = ModelRunner(dlm, linear_kernel)
         self._choosers: dict[bool, DraftLengthChooser] = {}
         self._warned_own_head = False
         self.dlm = self.runner.dlm
@@ -121,7 +122,8 @@ class Engine:
         if key not in self._choosers:
             self._choosers[key] = DraftLengthChooser(
                 max(1, self.dlm.config.block_size - 1), key,
-                lambda widths: forward_cost(self.dlm, widths, context=COST_CONTEXT, repeats=3))
+                lambda widths: forward_cost(self.dlm, widths, context=COST_CONTEXT, repeats=3,
+                                             linear_kernel=self.runner.linear_kernel))
         return self._choosers[key]
 
     def abort(self, request_id: str) -> bool:

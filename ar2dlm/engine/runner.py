@@ -11,8 +11,9 @@ reaches a used logit. A fed slot's RoPE position is the slot itself unless its p
 The mask is [batch, 1, fed, kv_len] boolean: block-causal by absolute position, slots at or
 past each row's fed end masked. Attention reads slots [0, kv_len) only (a view of the pool's buffers).
 
-Only the positions whose logits are read go through the LM head (on a CPU in a layout MKL streams about twice as
-fast as nn.Linear's, see `_logits`).
+Only the positions whose logits are read go through the LM head. On a CPU in float32 the runner switches the model's
+linear layers to oneDNN with packed weights (`model/packed_linear.py`), which runs the thin products of a wide
+forward close to the cost of a one-token one.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.kv_cache import KVCachePool
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.packed_linear import use_linear_kernel
 
 
 class ModelRunner:
-    def __init__(self, dlm: BlockDiffusionLM):
+    def __init__(self, dlm: BlockDiffusionLM, linear_kernel: str = "auto"):
+        """`linear_kernel`: `auto` (oneDNN for float32 on a CPU), `onednn` or `default` (see packed_linear.py);
+        the model's linear layers are switched in place, for every user of the model."""
         if dlm.attention_backend != "sdpa":
             raise Ar2dlmError("the decoding engine needs the sdpa attention backend (dense boolean masks)")
         self.dlm = dlm.eval()
         self.block_size = dlm.config.block_size
         self.mask_id = dlm.config.mask_token_id
-        self._head_t_cache: torch.Tensor | None = None  # see _head_t
-        self._head_t_key = None
+        self.linear_kernel = use_linear_kernel(dlm, linear_kernel)
 
     def new_cache(self, max_rows: int) -> KVCachePool:
         return KVCachePool(self.dlm.hf_config.num_hidden_layers, max_rows)
@@ -124,31 +127,6 @@ class ModelRunner:
             h = hidden[0, cols[0]:cols[-1] + 1] if cols[-1] - cols[0] + 1 == len(cols) else hidden[0, cols]
         else:
             h = hidden[[i for i, c in picks.items() for _ in c], [x for c in picks.values() for x in c]]
-        for i, logits in zip(picks, self._logits(h).split([len(c) for c in picks.values()])):
+        for i, logits in zip(picks, self.dlm.logits(h).split([len(c) for c in picks.values()])):
             out[i] = logits
         return out
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`dlm.logits` of the few rows [N, H] a forward needs, faster on a CPU. MKL runs the LM head's thin
-        products far below memory speed in nn.Linear's layout (h @ W^T): for one row (the AR case) the runner keeps
-        a transposed copy of the head weight, which streams twice as fast; for 2-8 rows it computes W @ h^T, which
-        is faster without any copy. The values are the same up to rounding."""
-        head = self.dlm.backbone.get_output_embeddings()
-        n = hidden.shape[0]
-        if hidden.device.type != "cpu" or n > 8 or type(head) is not torch.nn.Linear or head.bias is not None:
-            return self.dlm.logits(hidden)
-        if n == 1:
-            out = hidden @ self._head_t(head.weight)
-        else:
-            out = torch.mm(head.weight, hidden.t()).t().contiguous()
-        out[:, self.mask_id] = torch.finfo(out.dtype).min
-        return out
-
-    def _head_t(self, weight: torch.Tensor) -> torch.Tensor:
-        """The LM-head weight transposed to [H, V] and contiguous; rebuilt when the weight changes (any in-place
-        update bumps its version). Costs one more copy of the head weight in memory, on CPU only."""
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-        if self._head_t_key != key:
-            self._head_t_cache = weight.detach().t().contiguous()
-            self._head_t_key = key
-        return self._head_t_cache

@@ -41,9 +41,11 @@ def parent_and_dlm(tok):
 
 @pytest.mark.parametrize("every_length", [False, True])
 @pytest.mark.parametrize("draft_len", [None, 1, 5])
-def test_greedy_verify_equals_hf_generate(tok, parent_and_dlm, draft_len, every_length):
+@pytest.mark.parametrize("linear_kernel", ["auto", "default"])
+def test_greedy_verify_equals_hf_generate(tok, parent_and_dlm, draft_len, every_length, linear_kernel):
+    """(`auto` runs the linear layers on oneDNN where torch has it, the parent on torch's default kernel.)"""
     parent, dlm = parent_and_dlm
-    engine = Engine(dlm, tok)
+    engine = Engine(dlm, tok, linear_kernel=linear_kernel)
     params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=17, stop_token_ids=(),
                           draft_every_length=every_length)
     for prompt in PROMPTS:

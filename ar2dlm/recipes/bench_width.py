@@ -2,7 +2,8 @@
 
 The figure to read before choosing a draft length or a block size: a forward of `w` positions pays off only when it
 commits more than cost(w) / cost(1) tokens. Prints the curve (ms, x width 1, positions/s), optionally writes it as
-JSON and a plot.
+JSON and a plot. `--linear-kernels onednn,default` measures the curve once per kernel of the linear layers (oneDNN
+with packed weights, the engine's default on a CPU, against torch's default MKL path), in the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class WidthBenchConfig:
     model: str = field(metadata={"help": MODEL_SPEC_HELP})
     widths: str = field(default="1,2,4,8,16,32", metadata={"help": "comma-separated forward widths"})
     context: int = field(default=200, metadata={"help": "cached positions before the measured forward"})
+    linear_kernels: str = field(default="auto", metadata={
+        "help": "comma-separated kernels for the linear layers, one curve each: auto (the engine's choice), onednn "
+                "(packed weights), default (torch's own)"})
     repeats: int = field(default=7, metadata={"help": "timed forwards per width (the median is reported)"})
     device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "write the curve here"})
@@ -28,6 +32,7 @@ class WidthBenchConfig:
 
     def __post_init__(self):
         self.width_list()
+        self.kernel_list()
         if self.context < 1 or self.repeats < 1:
             raise Ar2dlmError("--context and --repeats must be >= 1")
         check_output_file(self.json_out, "--json-out")
@@ -43,6 +48,16 @@ class WidthBenchConfig:
         return sorted(set(widths))
 
 
+    def kernel_list(self) -> list[str]:
+        from ar2dlm.model.packed_linear import KERNELS
+
+        kernels = [k.strip() for k in self.linear_kernels.split(",") if k.strip()]
+        if not kernels or any(k not in KERNELS for k in kernels):
+            raise Ar2dlmError(f"--linear-kernels must be a comma-separated list of {', '.join(KERNELS)}, "
+                              f"got {self.linear_kernels!r}")
+        return list(dict.fromkeys(kernels))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, WidthBenchConfig)
 
@@ -56,6 +71,7 @@ def run(cfg: WidthBenchConfig) -> dict:
 
     from ar2dlm.engine.cost import forward_cost
     from ar2dlm.model.open import context_length, open_for_decoding
+    from ar2dlm.model.packed_linear import resolve_kernel
     from ar2dlm.utils.devices import resolve_device
 
     device = resolve_device(cfg.device)
@@ -63,15 +79,21 @@ def run(cfg: WidthBenchConfig) -> dict:
     limit = context_length(dlm)
     if limit is not None and cfg.context + max(cfg.width_list()) > limit:
         raise Ar2dlmError(f"--context + the widest forward exceed the model's context window ({limit})")
-    costs = forward_cost(dlm, cfg.width_list(), cfg.context, cfg.repeats)
-    one = costs[min(costs)]
-    curve = [{"width": w, "ms": c * 1000, "x_width_1": c / one, "positions_per_s": w / c} for w, c in costs.items()]
+    kernels = list(dict.fromkeys(resolve_kernel(k, dlm) for k in cfg.kernel_list()))
+    curves = {}
+    for kernel in kernels:
+        costs = forward_cost(dlm, cfg.width_list(), cfg.context, cfg.repeats, linear_kernel=kernel)
+        one = costs[min(costs)]
+        curves[kernel] = [{"width": w, "ms": c * 1000, "x_width_1": c / one, "positions_per_s": w / c}
+                          for w, c in costs.items()]
     result = {"model": cfg.model, "device": str(device), "threads": torch.get_num_threads(), "context": cfg.context,
-              "curve": curve}
+              "curve": curves[kernels[0]], "curves": curves}
     print(f"{cfg.model} on {device}, {torch.get_num_threads()} thread(s), {cfg.context} cached positions")
-    print(f"{'width':>6}{'ms':>9}{'x w=1':>8}{'positions/s':>13}")
-    for p in curve:
-        print(f"{p['width']:>6}{p['ms']:>9.1f}{p['x_width_1']:>8.2f}{p['positions_per_s']:>13.0f}")
+    print(f"{'':>6}" + "".join(f"{k:>30}" for k in kernels))
+    print(f"{'width':>6}" + f"{'ms':>9}{'x w=1':>8}{'positions/s':>13}" * len(kernels))
+    for i, width in enumerate(cfg.width_list()):
+        print(f"{width:>6}" + "".join(f"{c[i]['ms']:>9.1f}{c[i]['x_width_1']:>8.2f}{c[i]['positions_per_s']:>13.0f}"
+                                      for c in curves.values()))
     if cfg.json_out:
         write_json(cfg.json_out, result)
     if cfg.plot_out:
@@ -87,7 +109,9 @@ def plot_curve(result: dict, path: str) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     widths = [p["width"] for p in result["curve"]]
-    ax.plot(widths, [p["ms"] for p in result["curve"]], marker="o")
+    for kernel, curve in result["curves"].items():
+        ax.plot(widths, [p["ms"] for p in curve], marker="o", label=f"{kernel} linear kernel")
+    ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel("positions fed in one forward (width)")
