@@ -42,6 +42,9 @@ class DecodeParams:
     draft_every_length: bool = field(default=False, metadata={
         "help": "verify: draft for every acceptance length in the same forward (TiDAR), so the forward after a "
                 "rejected draft has drafts too; feeds (drafts + 1)^2 mask positions instead of drafts + 1"})
+    lookup_drafts: bool = field(default=False, metadata={
+        "help": "verify: when the model has no drafts for a forward (after a rejected draft), draft by prompt "
+                "lookup instead: the tokens that followed the last earlier occurrence of the final 3 or 2 tokens"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -75,6 +78,8 @@ class DecodeParams:
         self.sampling()  # validates temperature / top_p / top_k
         if self.draft_every_length and self.policy != "verify":
             raise Ar2dlmError("draft_every_length is a setting of the verify policy")
+        if self.lookup_drafts and self.policy != "verify":
+            raise Ar2dlmError("lookup_drafts is a setting of the verify policy")
         if self.block_parallel and self.policy in ("ar", "verify"):
             raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
         if self.draft_len is not None and self.draft_len != AUTO and (
@@ -106,7 +111,8 @@ class DecodeParams:
             base = f"verify:{self.draft_len}"
         else:
             base = self.policy
-        return base + ("+bp" if self.block_parallel else "") + ("+all" if self.draft_every_length else "")
+        return (base + ("+bp" if self.block_parallel else "") + ("+all" if self.draft_every_length else "")
+                + ("+lookup" if self.lookup_drafts else ""))
 
     def replace(self, **changes) -> "DecodeParams":
         return dataclasses.replace(self, **changes)
@@ -116,12 +122,12 @@ class DecodeParams:
     def from_spec(cls, text: str, **base) -> "DecodeParams":
         """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`, `verify:3` (drafts a forward);
         a bare name takes the default value; a `+bp` suffix turns on multi-block decoding, `+all` drafts for every
-        acceptance length (verify). `base` gives the other fields."""
+        acceptance length (verify), `+lookup` fills missing drafts by prompt lookup (verify). `base` gives the other fields."""
         spec = text.strip()
         body, *suffixes = spec.split("+")
-        unknown = sorted(set(suffixes) - {"bp", "all"})
+        unknown = sorted(set(suffixes) - {"bp", "all", "lookup"})
         if unknown:
-            raise Ar2dlmError(f"unknown suffix +{unknown[0]} in spec {spec!r} (accepted: +bp, +all)")
+            raise Ar2dlmError(f"unknown suffix +{unknown[0]} in spec {spec!r} (accepted: +bp, +all, +lookup)")
         bp, every_length = "bp" in suffixes, "all" in suffixes
         name, sep, value = body.partition(":")
         name, value = name.strip(), value.strip()
@@ -132,6 +138,8 @@ class DecodeParams:
         fields = dict(base, policy=name, block_parallel=bp)
         if every_length:
             fields["draft_every_length"] = True
+        if "lookup" in suffixes:
+            fields["lookup_drafts"] = True
         if name == "ar" and value:
             raise Ar2dlmError(f"the ar policy takes no value, got {spec!r}")
         if name == "steps" and value:

@@ -43,7 +43,8 @@ class Request:
             fixed = isinstance(params.draft_len, int)
             draft_len = params.draft_len if fixed else max(1, model_config.block_size - 1)
             self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
-                                     model_config.token_shift, params.draft_every_length, draft_chooser)
+                                     model_config.token_shift, params.draft_every_length, draft_chooser,
+                                     params.lookup_drafts)
         else:
             self.state = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
                                     model_config.token_shift, params, self.policy.leftmost_only)

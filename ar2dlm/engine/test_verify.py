@@ -107,6 +107,27 @@ def test_verify_batched_streamed_and_joining_mid_way(tok, parent_and_dlm, every_
     assert text == stream.result.text and stream.result.tokens == expected[0]
 
 
+@pytest.mark.parametrize("every_length", [False, True])
+def test_lookup_drafts_keep_the_output_and_save_forwards(tok, parent_and_dlm, every_length):
+    """Drafts from prompt lookup where the model has none: the output stays the AR model's; on prompts the tiny
+    model's greedy output repeats, some are accepted after rejected model drafts, so fewer forwards are needed
+    (with drafts for every acceptance length the model always has drafts after the first forward)."""
+    parent, dlm = parent_and_dlm
+    engine = Engine(dlm, tok)
+    params = DecodeParams(policy="verify", max_new_tokens=24, stop_token_ids=(), draft_every_length=every_length)
+    saved = 0
+    for prompt in PROMPTS + ["a b c a b c a b c a b"]:
+        ids = tok(prompt)["input_ids"]
+        plain = engine.generate(ids, params)
+        looked = engine.generate(ids, params.replace(lookup_drafts=True))
+        assert looked.tokens == plain.tokens == _hf_greedy(parent, ids, 24), prompt
+        saved += plain.nfe - looked.nfe
+    assert saved > 0 or every_length
+    assert DecodeParams.from_spec("verify:2+all+lookup").label == "verify:2+all+lookup"
+    with pytest.raises(Ar2dlmError, match="verify"):
+        DecodeParams(policy="threshold", lookup_drafts=True)
+
+
 def test_verify_stops_and_limits(tok, parent_and_dlm):
     parent, dlm = parent_and_dlm
     ids = tok(PROMPTS[1])["input_ids"]
@@ -247,12 +268,13 @@ def test_every_length_has_drafts_after_a_rejection(tok, parent_and_dlm):
         assert (empty == 0) if every_length else (empty > 0)
 
 
-@pytest.mark.parametrize("every_length", [False, True])
-def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length, monkeypatch):
+@pytest.mark.parametrize("every_length,lookup", [(False, False), (True, False), (False, True)])
+def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length, lookup, monkeypatch):
     """End to end through the engine: the first two sampled tokens, the second drawn by speculative sampling against
     a draft, follow the AR model's own joint distribution (top-3 sampling, chi-square test at p = 0.001). The drafts
     come from a fixed distribution over the tokens the AR model may pick second (a random adapter's drafts would
-    never be among its top 3), so both acceptance and rejection happen."""
+    never be among its top 3), so both acceptance and rejection happen. With `lookup` the first forward checks a
+    looked-up draft of the first token instead (a deterministic proposal: one-hot q)."""
     from ar2dlm.engine.policies import filtered_probs
 
     drafter = _random_adapter_drafter(tok)
@@ -276,10 +298,13 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
         return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
 
     monkeypatch.setattr(VerifyPolicy, "draft", draft)
+    second_likeliest = int(p1.argsort(descending=True)[1])
+    monkeypatch.setattr("ar2dlm.engine.verify.lookup_drafts",
+                        lambda toks, n: [second_likeliest] if len(toks) == len(ids) else [])
     engine = Engine(drafter, tok, max_running=16)
     n, counts, offered, accepted = 1500, Counter(), 0, 0
     rids = [engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i,
-                                                 max_new_tokens=3, stop_token_ids=(),
+                                                 max_new_tokens=3, stop_token_ids=(), lookup_drafts=lookup,
                                                  draft_every_length=every_length)) for i in range(n)]
     requests = [engine.requests[rid] for rid in rids]  # finished requests leave the engine's table
     while engine.has_unfinished():

@@ -21,7 +21,9 @@ forward (the cache counts as valid up to the last committed token only).
 With `every_length` (TiDAR-style) the forward feeds one mask block per possible acceptance length 0..drafts instead,
 each at the positions it drafts and seeing only the clean prefix it assumes accepted; the block matching the outcome
 gives the next drafts, so a forward after a rejected draft still has drafts to check. With a `chooser`
-(`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward.
+(`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward. With `lookup`, a
+forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
+drafts instead (engine/lookup.py), when the sequence's last tokens occurred before.
 
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
 probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.policies import Sampling, filtered_probs
 from ar2dlm.errors import Ar2dlmError
@@ -42,7 +45,7 @@ class VerifyState:
     """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool,
-                 every_length: bool = False, chooser=None):
+                 every_length: bool = False, chooser=None, lookup: bool = False):
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
@@ -57,6 +60,8 @@ class VerifyState:
         self.toks = list(prompt_ids)  # committed tokens; toks[-1] is not in the cache yet
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), V] distributions the drafts were sampled from
+        self.lookup = lookup
+        self.looked_up = False  # the current drafts come from prompt lookup, not the model
         self.cached = 0
         self.nfe = 0
         self.accepted_drafts = 0  # drafts accepted over the whole sequence (for acceptance statistics)
@@ -89,6 +94,9 @@ class VerifyState:
         committed token on, and of the mask positions that draft a position before the length limit."""
         if self.chooser is not None:
             self.draft_len = self.chooser.choose()
+        if self.lookup and not self.drafts:
+            self.drafts, self.draft_probs = lookup_drafts(self.toks, self.draft_len), None
+            self.looked_up = bool(self.drafts)
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
         self._fed_blocks = [(a, made) for a, made in self._blocks(n, drafts) if made > 0]
@@ -119,14 +127,17 @@ class VerifyState:
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
+        if self.looked_up and not sampling.greedy:  # a deterministic proposal: q is one-hot at each draft
+            q = torch.nn.functional.one_hot(torch.tensor(drafts, device=logits.device), logits.shape[-1])
+            q = q.to(logits.dtype)
         accepted, token = policy.accept(drafts, q, logits[:len(drafts) + 1], sampling, generator)
         self.offered_drafts += len(drafts)
         self.accepted_drafts += accepted
-        if self.chooser is not None and drafts:
+        if self.chooser is not None and drafts and not self.looked_up:  # the model's acceptance only
             self.chooser.record(len(drafts), accepted)
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
-        self.drafts, self.draft_probs = [], None
+        self.drafts, self.draft_probs, self.looked_up = [], None, False
         row = len(drafts) + 1
         for a, made in self._fed_blocks:
             if a == accepted:
