@@ -97,7 +97,7 @@ class DecodeBenchConfig:
     policies: str | None = field(default=None, metadata={
         "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar, "
                 "verify:DRAFTS (or verify:auto); a +bp suffix decodes multi-block, +all drafts for every acceptance "
-                f"length (default: {DRAFTER_POLICIES} for a gated drafter, else {DLM_POLICIES})"})
+                f"length, +lookup fills missing drafts by prompt lookup (default: {DRAFTER_POLICIES} for a gated drafter, else {DLM_POLICIES})"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
     prompt_lookup: int = field(default=10, metadata={
