@@ -209,28 +209,40 @@ def is_drafter_folder(path: Path) -> bool:
     return (Path(path) / DRAFTER_WEIGHTS_FILE).is_file()
 
 
-def load_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A saved drafter on top of a fresh copy of its parent, and the drafter's tokenizer."""
+def read_drafter_config(path: str | os.PathLike) -> dict:
+    """The `dlm_config.json` of a saved drafter folder: {dlm, base_model, drafter: {rank, alpha, targets}, ...}."""
+    return json.loads((Path(path) / DLM_CONFIG_FILE).read_text())
+
+
+def copy_adapter_weights(model: GatedDrafterLM, path: str | os.PathLike) -> None:
+    """Load a saved drafter's LoRA matrices and mask-token row into `model` (same parent layers, same rank)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    from ar2dlm.model.loading import load_base
-
-    path = Path(path)
-    meta = json.loads((path / DLM_CONFIG_FILE).read_text())
-    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
-    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
-        _mean_init_new_row(backbone, meta["vocab_size"])
-    lora = meta["drafter"]
-    model = GatedDrafterLM(backbone, DLMConfig.from_dict(meta["dlm"]), lora["rank"], lora["alpha"], lora["targets"])
-    state = load_file(str(path / DRAFTER_WEIGHTS_FILE))
+    state = load_file(str(Path(path) / DRAFTER_WEIGHTS_FILE))
     with torch.no_grad():
         model.mask_embedding.copy_(state.pop("mask_embedding"))
         layers = dict(model.backbone.named_modules())
         for key, value in state.items():
             name, part = key.rsplit(".", 1)
             layer = layers.get(name)
-            if not isinstance(layer, GatedLoRALinear):
-                raise Ar2dlmError(f"{path}: drafter weight {key} has no matching layer in {meta['base_model']}")
+            if not isinstance(layer, GatedLoRALinear) or getattr(layer, part).shape != value.shape:
+                raise Ar2dlmError(f"{path}: drafter weight {key} {tuple(value.shape)} has no matching layer in "
+                                  f"{model.config.base_model}")
             getattr(layer, part).copy_(value)
+
+
+def load_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A saved drafter on top of a fresh copy of its parent, and the drafter's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ar2dlm.model.loading import load_base
+
+    path = Path(path)
+    meta = read_drafter_config(path)
+    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
+    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
+        _mean_init_new_row(backbone, meta["vocab_size"])
+    lora = meta["drafter"]
+    model = GatedDrafterLM(backbone, DLMConfig.from_dict(meta["dlm"]), lora["rank"], lora["alpha"], lora["targets"])
+    copy_adapter_weights(model, path)
     return model.to(device), AutoTokenizer.from_pretrained(path)

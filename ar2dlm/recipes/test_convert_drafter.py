@@ -3,6 +3,7 @@ after training, and exact resume after a kill."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,6 +94,25 @@ def test_drafter_settings_are_checked():
     with pytest.raises(Ar2dlmError, match="drafter-target"):
         ConvertConfig(drafter=True, drafter_target="logits")
     assert ConvertConfig(drafter=True, lora_rank=8).lora_rank == 8
+
+
+def test_init_drafter_continues_where_a_saved_one_ended(setup):
+    base, data, root = setup
+    first = run(ConvertConfig(drafter=True, model=str(base), data=str(data), output=str(root / "first"), seq_len=48,
+                              batch_size=4, heldout=8, max_steps=4, warmup_steps=1, lr=1e-2, device="cpu",
+                              lora_rank=8))
+    more = ConvertConfig(drafter=True, model=str(base), data=str(data), output=str(root / "more"), seq_len=48,
+                         batch_size=4, heldout=8, max_steps=2, warmup_steps=1, lr=1e-2, device="cpu", lora_rank=8,
+                         init_drafter=str(root / "first" / "model"))
+    again = run(more)
+    assert again["heldout_before"] == first["heldout_after"]  # it starts from the saved weights
+    assert again["drafter"]["before"] == first["drafter"]["after"]
+    with pytest.raises(Ar2dlmError, match="lora-rank 8, this run 4"):
+        run(dataclasses.replace(more, output=str(root / "bad"), lora_rank=4))
+    with pytest.raises(Ar2dlmError, match="not a drafter"):
+        run(dataclasses.replace(more, output=str(root / "bad2"), init_drafter=str(root)))
+    with pytest.raises(Ar2dlmError, match="needs --drafter"):
+        ConvertConfig(init_drafter="smollm2-135m-dlm")
 
 
 def adapter(folder: Path) -> dict:

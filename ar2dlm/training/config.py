@@ -90,6 +90,8 @@ class ConvertConfig(TrainConfig):
     drafter_target: str = option("argmax", "what a drafter learns at masked positions: the data's tokens (text), the "
                                          "parent's teacher-forced argmax (CE) or its distribution (KL)",
                                choices=["text", "argmax", "distribution"])
+    init_drafter: str | None = option(None, "start the drafter from a saved one (its folder or a shipped name such "
+                                            "as smollm2-135m-dlm) and train it further, e.g. on new data")
     drafter_masking: str = option("full", "drafter masks: full = every maskable token (the fully masked block a "
                                         "verify decoder drafts from), schedule = --masking", choices=["full", "schedule"])
 
@@ -111,6 +113,7 @@ class ConvertConfig(TrainConfig):
             (self.drafter_target in ("text", "argmax", "distribution"),
              "--drafter-target must be text, argmax or distribution"),
             (self.drafter_masking in ("full", "schedule"), "--drafter-masking must be full or schedule"),
+            (self.drafter or self.init_drafter is None, "--init-drafter needs --drafter"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.drafter import GatedDrafterLM
 from ar2dlm.model.loading import resolve_model_source
@@ -16,10 +17,13 @@ from ar2dlm.training.trainer import MaskedBatch
 
 
 def prepare_drafter(cfg, device: torch.device, backbone, tokenizer) -> GatedDrafterLM:
-    """A fresh gated drafter on the (frozen) parent `backbone`, ready to train on `device`."""
+    """A gated drafter on the (frozen) parent `backbone`, fresh or from `--init-drafter`, ready to train on
+    `device`."""
     dlm = GatedDrafterLM.from_base(backbone, tokenizer, cfg.block_size, cfg.token_shift, cfg.mask_token,
                                    base_model=resolve_model_source(cfg.model), rank=cfg.lora_rank,
                                    alpha=cfg.lora_alpha)
+    if cfg.init_drafter:
+        init_from_drafter(dlm, cfg)
     if cfg.gradient_checkpointing:
         dlm.enable_gradient_checkpointing()
     dlm.to(device)
@@ -27,6 +31,30 @@ def prepare_drafter(cfg, device: torch.device, backbone, tokenizer) -> GatedDraf
         dlm.set_attention_backend("flex")
     dlm.train()
     return dlm
+
+
+def init_from_drafter(dlm: GatedDrafterLM, cfg) -> None:
+    """Copy the weights of the saved drafter `cfg.init_drafter` into `dlm`, after checking that it was made for the
+    same parent with the same adapter shape and block layout."""
+    from pathlib import Path
+
+    from ar2dlm.model.drafter import copy_adapter_weights, is_drafter_folder, read_drafter_config
+    from ar2dlm.model.loading import resolve_dlm_path
+
+    path = Path(resolve_dlm_path(cfg.init_drafter))
+    if not is_drafter_folder(path):
+        raise Ar2dlmError(f"--init-drafter {cfg.init_drafter}: not a drafter folder or shipped drafter name")
+    meta = read_drafter_config(path)
+    lora, dlm_meta = meta["drafter"], meta["dlm"]
+    wanted = {"parent": (resolve_model_source(meta["base_model"]), dlm.config.base_model),
+              "--lora-rank": (lora["rank"], cfg.lora_rank), "--lora-alpha": (lora["alpha"], cfg.lora_alpha),
+              "--block-size": (dlm_meta["block_size"], cfg.block_size),
+              "mask token id": (dlm_meta["mask_token_id"], dlm.config.mask_token_id),
+              "adapted layers": (sorted(lora["targets"]), sorted(dlm.lora_settings["targets"]))}
+    for what, (saved, here) in wanted.items():
+        if saved != here:
+            raise Ar2dlmError(f"--init-drafter {cfg.init_drafter} has {what} {saved}, this run {here}")
+    copy_adapter_weights(dlm, path)
 
 
 def full_block_micro(batch, cfg, mask_id: int) -> MaskedBatch:
