@@ -16,8 +16,8 @@ source "$(dirname "$0")/env.sh"
 
 if [ "${1:-}" != convert ]; then
   mkdir -p runs/main
-  ar2dlm bench --model smollm2-135m-dlm --policies verify,verify:auto+all,threshold:0.9 --batch-sizes 1 \
-    --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "$@"
+  ar2dlm bench --model smollm2-135m-dlm --policies verify,verify:auto+lookup,verify:auto+all,threshold:0.9 \
+    --batch-sizes 1 --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "$@"
   exit
 fi
 shift

@@ -83,7 +83,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ config
 DECODE_DEFAULTS = {"max_new_tokens": 128}
 DLM_POLICIES = "threshold:0.9,threshold:0.7,entropy:0.5"
-DRAFTER_POLICIES = "verify,verify:auto+all,threshold:0.9"
+DRAFTER_POLICIES = "verify,verify:auto+lookup,verify:auto+all,threshold:0.9"
 # The specs set the policy; every method decodes greedily, as HF generate does, so agreement means something.
 DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_parallel", "temperature", "top_p", "top_k",
                "seed", "stop_strings")

@@ -115,7 +115,8 @@ def test_parse_policy_specs():
     assert parse_batch_sizes("1, 8,1") == [1, 8]
     default = DecodeBenchConfig(model="nowhere")  # without --policies: what the model is for
     assert [s.label for s in default.policy_specs()] == ["threshold:0.9", "threshold:0.7", "entropy:0.5"]
-    assert [s.label for s in default.policy_specs(drafter=True)] == ["verify", "verify:auto+all", "threshold:0.9"]
+    assert [s.label for s in default.policy_specs(drafter=True)] == [
+        "verify", "verify:auto+lookup", "verify:auto+all", "threshold:0.9"]
 
 
 @pytest.mark.parametrize("spec, match", [
