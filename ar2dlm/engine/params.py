@@ -268,10 +268,11 @@ def policy_was_given(args: argparse.Namespace) -> bool:
 
 
 def for_model(params: DecodeParams, dlm, policy_given: bool) -> DecodeParams:
-    """The decoding parameters a model gets by default: a gated drafter decodes with its lossless `verify` unless a
-    policy was asked for (it is the parent, exactly); any other model keeps `params`."""
+    """The decoding parameters a model gets by default: a gated drafter decodes with its lossless `verify`, with
+    prompt-lookup drafts where it has none, unless a policy was asked for (it is the parent, exactly); any other
+    model keeps `params`."""
     if getattr(dlm.config, "drafter", False) and not policy_given:
-        return params.replace(policy="verify", block_parallel=False)
+        return params.replace(policy="verify", block_parallel=False, lookup_drafts=True)
     return params
 
 
