@@ -140,3 +140,13 @@ def test_ship_drafter_packs_a_finished_run_in_half_precision(tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     loaded, _ = BlockDiffusionLM.from_pretrained(folder)
     assert isinstance(loaded, GatedDrafterLM) and loaded.mask_embedding.dtype == torch.float32
+
+    # a run that continued the shipped drafter replaces it and keeps its record as where it started from
+    cfg = dataclasses.replace(cfg, init_drafter=str(folder), data="/x/self.jsonl")
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    res = subprocess.run(script + [str(run), "--dest", str(dest), "--name", "tiny-dlm"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    again = json.loads((folder / "training.json").read_text())
+    assert again["started_from"]["command"] == record["command"] and again["started_from"]["drafter"] == str(folder)
+    assert again["training_tokens"] == 900 and again["total_training_tokens"] == 1800

@@ -5,7 +5,9 @@
 Writes `<dest>/<name>/`: the adapter in half precision (`drafter.safetensors`, half the float32 file; it loads back
 into the model's dtype), `dlm_config.json`, the tokenizer, and `training.json`: the command that trained it (rebuilt
 from the run's config.json, data given by file name), the training tokens and the held-out acceptance curve from
-metrics.jsonl (draft accuracy at +1/+2/+3 and tokens per verify step at every evaluation). Refuses a run that is
+metrics.jsonl (draft accuracy at +1/+2/+3 and tokens per verify step at every evaluation), and for a run that
+continued a drafter (`--init-drafter`) that drafter's own record under `started_from` (read before the folder is
+replaced, so a shipped drafter can be trained further and shipped again under its name). Refuses a run that is
 not a finished drafter run, and a result over the size limit. The folder is replaced atomically. --plot-out also
 draws the acceptance curve (tokens per verify step and draft accuracy against training tokens).
 """
@@ -60,6 +62,18 @@ def acceptance_curve(metrics_path: Path) -> list[dict]:
     return curve
 
 
+def started_from(config: dict) -> dict | None:
+    """The record of the drafter a continued run started from (`--init-drafter`), or None for a fresh run."""
+    from ar2dlm.model.loading import resolve_dlm_path
+
+    init = config.get("init_drafter")
+    if not init:
+        return None
+    path = resolve_dlm_path(init) / "training.json"
+    prior = json.loads(path.read_text()) if path.is_file() else {}
+    return {"drafter": init, **prior}
+
+
 def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -95,9 +109,13 @@ def ship(run: Path, name: str, dest: Path) -> Path:
     if not isinstance(model, GatedDrafterLM):
         raise Ar2dlmError(f"{run / 'model'} is not a gated drafter")
     curve = acceptance_curve(run / "metrics.jsonl")
-    record = {"command": convert_command(config), "parent": config["model"],
-              "training_tokens": curve[-1]["training_tokens"] if curve else None, "curve": curve,
-              "summary": json.loads((run / "summary.json").read_text()).get("drafter")}
+    tokens = curve[-1]["training_tokens"] if curve else 0
+    prior = started_from(config)
+    record = {"command": convert_command(config), "parent": config["model"], "training_tokens": tokens,
+              "total_training_tokens": tokens + ((prior or {}).get("total_training_tokens")
+                                                 or (prior or {}).get("training_tokens") or 0),
+              "curve": curve, "summary": json.loads((run / "summary.json").read_text()).get("drafter"),
+              "started_from": prior}
     folder = dest / name
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, tokenizer, base_model=config["model"], dtype=torch.float16)
