@@ -31,7 +31,8 @@ from ar2dlm.training.drafter_objective import DrafterObjective
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
 from ar2dlm.training.runs import complete_run, finish_run, prepare_dlm, print_summary
-from ar2dlm.training.selfgen import generate_self_corpus, self_corpus_path
+from ar2dlm.training.selfgen import (generate_self_corpus, parent_answers_path, self_corpus_path,
+                                     write_parent_answers)
 from ar2dlm.training.trainer import MaskedBatch, Trainer, check_run_folder
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 from ar2dlm.utils.files import write_json
@@ -55,13 +56,17 @@ def prepare_examples(cfg: ConvertConfig, backbone, tokenizer, info) -> list:
     """Tokenised examples, built on the main rank (which may first have the base model write its corpus)."""
     examples = None
     if info.is_main:
-        corpus = None
+        corpus, source = None, cfg.data
         if cfg.data == "self":
             corpus = self_corpus_path(cfg)
             generate_self_corpus(backbone, tokenizer, n_samples=cfg.self_samples,
                                  max_new_tokens=cfg.self_max_new_tokens, cache_path=corpus, seed=cfg.seed,
                                  batch_size=16, answer_temperature=cfg.self_answer_temperature)
-        data_cfg = DataConfig(source=cfg.data, seq_len=cfg.seq_len, max_records=cfg.max_records)
+        elif cfg.answers_from_parent:
+            source = str(write_parent_answers(
+                backbone, tokenizer, cfg.data, parent_answers_path(cfg), cfg.max_records, cfg.self_max_new_tokens,
+                cfg.self_answer_temperature, cfg.seed))
+        data_cfg = DataConfig(source=source, seq_len=cfg.seq_len, max_records=cfg.max_records)
         examples = load_examples(data_cfg, tokenizer, self_corpus_path=corpus)
         if len(examples) <= cfg.heldout:
             raise Ar2dlmError(f"only {len(examples)} examples from {cfg.data}: not enough beyond --heldout {cfg.heldout}")

@@ -94,6 +94,24 @@ def test_drafter_settings_are_checked():
     with pytest.raises(Ar2dlmError, match="drafter-target"):
         ConvertConfig(drafter=True, drafter_target="logits")
     assert ConvertConfig(drafter=True, lora_rank=8).lora_rank == 8
+    with pytest.raises(Ar2dlmError, match="answers-from-parent"):
+        ConvertConfig(drafter=True, answers_from_parent=True, data="self")
+
+
+def test_drafter_trains_on_the_parents_answers(setup, tmp_path, monkeypatch):
+    """--answers-from-parent: the parent answers the data's questions once (cached), and training reads those."""
+    base, data, root = setup
+    monkeypatch.setenv("AR2DLM_CACHE", str(tmp_path / "cache"))
+    cfg = ConvertConfig(drafter=True, model=str(base), data=str(data), output=str(tmp_path / "run"), seq_len=48,
+                        batch_size=4, heldout=2, max_steps=1, warmup_steps=1, device="cpu", lora_rank=4,
+                        answers_from_parent=True, self_answer_temperature=0.8, self_max_new_tokens=6,
+                        max_records=10)
+    run(cfg)
+    [corpus] = (tmp_path / "cache" / "parent-answers").glob("*.jsonl")
+    records = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert 0 < len(records) <= 10
+    assert all(r["messages"][0]["content"].startswith("Question ") for r in records)
+    assert not any(r["messages"][-1]["content"] in ANSWERS for r in records)  # the parent's words, not the data's
 
 
 def test_init_drafter_continues_where_a_saved_one_ended(setup):

@@ -84,6 +84,9 @@ class ConvertConfig(TrainConfig):
     self_samples: int = option(160, "records the base model writes for data=self")
     self_max_new_tokens: int = option(160, "tokens per answer the base model writes for data=self")
     self_answer_temperature: float = option(0.3, "sampling temperature of the answers for data=self (0 = greedy)")
+    answers_from_parent: bool = option(False, "train on the parent's own answers to the data's prompts instead of "
+                                              "the data's answers (written once, cached; --self-max-new-tokens and "
+                                              "--self-answer-temperature apply, 0 = greedy)")
     # gated drafter (lossless mode): the parent stays exact, an adapter drafts at mask positions
     drafter: bool = option(False, "train a gated drafter instead of a dLM: the frozen parent computes every clean "
                                 "position, a LoRA adapter (rank 32 unless --lora-rank) acts only on mask tokens")
@@ -114,6 +117,8 @@ class ConvertConfig(TrainConfig):
              "--drafter-target must be text, argmax or distribution"),
             (self.drafter_masking in ("full", "schedule"), "--drafter-masking must be full or schedule"),
             (self.drafter or self.init_drafter is None, "--init-drafter needs --drafter"),
+            (not (self.answers_from_parent and self.data == "self"),
+             "--answers-from-parent needs a data file or dataset (data=self is already the parent's answers)"),
         ]
         for ok, message in checks:
             if not ok:

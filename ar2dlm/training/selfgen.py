@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ar2dlm.data.tokenize import has_chat_template, render_chat, special_strings
+from ar2dlm.data.tokenize import DataConfig, has_chat_template, read_records, render_chat, special_strings
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.loading import cache_dir, resolve_model_source
 from ar2dlm.utils.files import atomic_write, write_json
@@ -340,3 +340,70 @@ def _write_corpus(cache_path: Path, records: list[dict], model, start: _Start, s
     write_json(metadata_path(cache_path), _metadata(model, start, settings, n_samples, len(records), tally))
     log.info("self-generated corpus: %d records at %s (%d filtered)", len(records), cache_path,
              sum(tally.filtered.values()))
+
+
+# ------------------------------------------------------------------------------------ the parent's own answers
+def parent_answers_path(cfg) -> Path:
+    """Cache location of the parent's answers to `cfg.data`'s prompts, keyed by the model, the data file (path,
+    size and modification time, or the hub id), `max_records` and the answer settings."""
+    source = str(cfg.data).strip()
+    path = Path(source).expanduser()
+    identity = [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else source
+    key = json.dumps([resolve_model_source(cfg.model), identity, cfg.max_records, cfg.self_max_new_tokens,
+                      cfg.self_answer_temperature, cfg.seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "parent-answers" / f"{Path(cfg.model).name}-{path.stem or 'data'}-{digest}.jsonl"
+
+
+def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, max_records: int | None,
+                         max_new_tokens: int, temperature: float, seed: int, batch_size: int = 16) -> Path:
+    """Answer the prompt of every chat or instruction record of `source` (its turns before the first assistant
+    turn) with `model`, and write the records with those answers instead of the data's at `cache_path` (reused when
+    it exists). Training a drafter on them teaches it the wording the parent really produces at decoding time, not
+    the dataset's. Answers that hit `max_new_tokens` are kept; degenerate ones are dropped and counted."""
+    from tqdm.auto import tqdm
+
+    cache_path = Path(cache_path)
+    if count_records(cache_path):
+        log.info("reusing the parent's answers %s (%d records)", cache_path, count_records(cache_path))
+        return cache_path
+    if not has_chat_template(tokenizer):
+        raise Ar2dlmError("answers from the parent need a chat model (its tokenizer has no chat template)")
+    records, _ = read_records(DataConfig(source=source, max_records=max_records))
+    prompts = [turns for turns in (_prompt_turns(r.messages) for r in records if r.kind == "chat")
+               if turns and turns[-1]["role"] == "user"]
+    if not prompts:
+        raise Ar2dlmError(f"{source}: no chat or instruction records whose prompts the parent could answer")
+    stop_ids = _generation_start(tokenizer).stop_ids
+    settings = _Settings(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
+                         answer_temperature=temperature, user_max_new_tokens=0, top_p=1.0, min_chars=1,
+                         keep_unfinished=True)
+    tally, out = _Tally(), []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="parent answers", unit="batch"):
+            batch = prompts[start:start + batch_size]
+            answers = _sample(model, tokenizer, [render_chat(tokenizer, p) for p in batch], stop_ids,
+                              max_new_tokens, temperature, 1.0, seed + start)
+            tally.attempted += len(batch)
+            for turns, (text, done) in zip(batch, answers):
+                reason = degenerate_reason(text, settings.min_chars)
+                if reason:
+                    tally.filtered[f"assistant_{reason}"] += 1
+                    continue
+                tally.unfinished += not done
+                out.append({"messages": turns + [{"role": "assistant", "content": text.strip()}]})
+    finally:
+        model.train(was_training)
+    if not out:
+        raise Ar2dlmError(f"{source}: every answer of the parent was empty or degenerate ({dict(tally.filtered)})")
+    _write_corpus(cache_path, out, model, _Start(True, "", stop_ids), settings, len(prompts), tally)
+    return cache_path
+
+
+def _prompt_turns(messages: list[dict]) -> list[dict]:
+    """The turns of a conversation before its first assistant turn (what the parent is asked to answer; usable when
+    it ends with a user turn)."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:first]

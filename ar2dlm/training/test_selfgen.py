@@ -142,3 +142,40 @@ def test_unfinished_outputs_counted_or_dropped(tmp_path, tok):
                              keep_unfinished=False, max_rounds=1)
     assert [r["messages"][0]["content"] for r in read_jsonl(p)] == ["add 1 and 2"]
     assert meta_of(p)["filtered"] == {"user_unfinished": 1} and meta_of(p)["unfinished"] == 0
+
+
+def test_parent_answers_replace_the_datas_answers(tmp_path, tok, model, monkeypatch):
+    """Each record's turns before its first assistant turn are rendered as a chat prompt and answered by the model;
+    the record keeps those turns and gets the model's answer (plain text records have no prompt to answer)."""
+    from ar2dlm.training.selfgen import write_parent_answers
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": "What is 2 + 2?", "answer": "4"}, {"text": "plain text has no prompt"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                          {"role": "assistant", "content": "Hello"}]},
+            {"question": "Name a colour.", "answer": "Blue"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    reply = tok("the quick fox", add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def generate(input_ids, attention_mask, max_new_tokens, do_sample, **kw):
+        seen.extend(tok.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask))
+        assert not do_sample and max_new_tokens == 5  # temperature 0: greedy
+        return torch.cat([input_ids, torch.tensor([reply] * len(input_ids))], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    path = tmp_path / "answers.jsonl"
+    assert write_parent_answers(model, tok, str(data), path, max_records=3, max_new_tokens=5, temperature=0.0,
+                                seed=0, batch_size=2) == path
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}], rows[2]["messages"][:2]]
+    assert seen == [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    assert read_jsonl(path) == [{"messages": p + [{"role": "assistant", "content": "the quick fox"}]}
+                                for p in prompts]
+    assert json.loads(metadata_path(path).read_text())["n_samples"] == 2
+
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("the cache must be reused"))
+    assert write_parent_answers(model, tok, str(data), path, 3, 5, 0.0, 0) == path
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text(json.dumps({"text": "no prompts"}) + "\n")
+    with pytest.raises(Ar2dlmError, match="no chat or instruction records"):
+        write_parent_answers(model, tok, str(text_only), tmp_path / "none.jsonl", None, 5, 0.0, 0)
