@@ -259,11 +259,12 @@ def add_decode_args(parser: argparse.ArgumentParser, defaults: dict | None = Non
 
 def policy_was_given(args: argparse.Namespace) -> bool:
     """For commands whose --policy default depends on the model (`add_decode_args(parser, defaults={"policy":
-    None})`): whether the user typed --policy. When not, the placeholder `threshold` goes in, and `for_model`
-    decides once the model is open."""
+    None})`): whether the user typed --policy. When not, a placeholder goes in (`verify` when a setting only verify
+    has was given, e.g. --draft-every-length, else `threshold`), and `for_model` decides once the model is open."""
     given = args.policy is not None
     if not given:
-        args.policy = "threshold"
+        verify_only = getattr(args, "draft_every_length", False) or getattr(args, "lookup_drafts", False)
+        args.policy = "verify" if verify_only else "threshold"
     return given
 
 

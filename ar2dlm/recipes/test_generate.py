@@ -111,6 +111,9 @@ def test_a_gated_drafter_generates_the_parents_text_by_default(tmp_path, capsys)
     assert "policy verify" in capsys.readouterr().err
     expected = Engine(parent, parent_tok).generate("the quick", policy="ar", max_new_tokens=10)
     assert json.loads(out.read_text())["text"] == expected.text
+    assert main(["generate", "--model", str(tmp_path / "drafter"), "--prompt", "the quick", "--raw",  # verify-only
+                 "--max-new-tokens", "10", "--draft-every-length", "--json-out", str(out)]) == 0  # settings
+    assert json.loads(out.read_text())["text"] == expected.text
     assert main(["generate", "--model", str(tmp_path / "drafter"), "--prompt", "the quick", "--raw",
                  "--max-new-tokens", "10", "--policy", "threshold"]) == 0
     assert "policy threshold" in capsys.readouterr().err
