@@ -47,7 +47,6 @@ class WidthBenchConfig:
             raise Ar2dlmError(f"--widths must be integers >= 1, got {self.widths!r}")
         return sorted(set(widths))
 
-
     def kernel_list(self) -> list[str]:
         from ar2dlm.model.packed_linear import KERNELS
 

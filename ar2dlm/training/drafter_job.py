@@ -36,12 +36,10 @@ def prepare_drafter(cfg, device: torch.device, backbone, tokenizer) -> GatedDraf
 def init_from_drafter(dlm: GatedDrafterLM, cfg) -> None:
     """Copy the weights of the saved drafter `cfg.init_drafter` into `dlm`, after checking that it was made for the
     same parent with the same adapter shape and block layout."""
-    from pathlib import Path
-
     from ar2dlm.model.drafter import copy_adapter_weights, is_drafter_folder, read_drafter_config
     from ar2dlm.model.loading import resolve_dlm_path
 
-    path = Path(resolve_dlm_path(cfg.init_drafter))
+    path = resolve_dlm_path(cfg.init_drafter)
     if not is_drafter_folder(path):
         raise Ar2dlmError(f"--init-drafter {cfg.init_drafter}: not a drafter folder or shipped drafter name")
     meta = read_drafter_config(path)

@@ -348,7 +348,8 @@ def parent_answers_path(cfg) -> Path:
     size and modification time, or the hub id), `max_records` and the answer settings."""
     source = str(cfg.data).strip()
     path = Path(source).expanduser()
-    identity = [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else source
+    stat = path.stat() if path.is_file() else None
+    identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns] if stat else source
     key = json.dumps([resolve_model_source(cfg.model), identity, cfg.max_records, cfg.self_max_new_tokens,
                       cfg.self_answer_temperature, cfg.seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -364,8 +365,9 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     from tqdm.auto import tqdm
 
     cache_path = Path(cache_path)
-    if count_records(cache_path):
-        log.info("reusing the parent's answers %s (%d records)", cache_path, count_records(cache_path))
+    have = count_records(cache_path)
+    if have:
+        log.info("reusing the parent's answers %s (%d records)", cache_path, have)
         return cache_path
     if not has_chat_template(tokenizer):
         raise Ar2dlmError("answers from the parent need a chat model (its tokenizer has no chat template)")
@@ -388,7 +390,7 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
                               max_new_tokens, temperature, 1.0, seed + start)
             tally.attempted += len(batch)
             for turns, (text, done) in zip(batch, answers):
-                reason = degenerate_reason(text, settings.min_chars)
+                reason = _rejection(text, done, settings)
                 if reason:
                     tally.filtered[f"assistant_{reason}"] += 1
                     continue
