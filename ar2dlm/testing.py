@@ -104,3 +104,18 @@ def write_jsonl(path, records):
 def masked_text(tokenizer, example, maskable: bool = True) -> str:
     """The decoded tokens of an `Example` that are maskable (or, with maskable=False, the ones that are not)."""
     return tokenizer.decode([i for i, m in zip(example.input_ids, example.maskable) if m == maskable])
+
+
+def record_forwards(runner) -> list[tuple[int, int, int]]:
+    """Record every model call of an engine's `ModelRunner` from now on: (rows, fed queries, attention key slots)
+    per forward, whichever decoder forward (fused or Hugging Face's) runs it."""
+    calls = []
+    call = runner.decoder_hidden
+
+    def recording(ids, mask, pos, cache):
+        calls.append((ids.shape[0], ids.shape[1], mask.shape[-1]))
+        return call(ids, mask, pos, cache)
+
+    runner.decoder_hidden = recording
+    return calls
+

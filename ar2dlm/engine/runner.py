@@ -13,7 +13,8 @@ past each row's fed end masked. Attention reads slots [0, kv_len) only (a view o
 
 Only the positions whose logits are read go through the LM head. On a CPU in float32 the runner switches the model's
 linear layers to oneDNN with packed weights (`model/packed_linear.py`), which runs the thin products of a wide
-forward close to the cost of a one-token one.
+forward close to the cost of a one-token one, and a Llama-family decoder runs as a few fused operations per layer
+(`model/fused_decoder.py`) instead of Hugging Face's module tree.
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.kv_cache import KVCachePool
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.fused_decoder import fused_decoder_for
 from ar2dlm.model.packed_linear import use_linear_kernel
 
 
 class ModelRunner:
-    def __init__(self, dlm: BlockDiffusionLM, linear_kernel: str = "auto"):
+    def __init__(self, dlm: BlockDiffusionLM, linear_kernel: str = "auto", fused: bool = True):
         """`linear_kernel`: `auto` (oneDNN for float32 on a CPU), `onednn` or `default` (see packed_linear.py);
-        the model's linear layers are switched in place, for every user of the model."""
+        the model's linear layers are switched in place, for every user of the model. `fused`: run the fused
+        decoder forward where the model fits it (`model/fused_decoder.py`), else Hugging Face's."""
         if dlm.attention_backend != "sdpa":
             raise Ar2dlmError("the decoding engine needs the sdpa attention backend (dense boolean masks)")
         self.dlm = dlm.eval()
         self.block_size = dlm.config.block_size
         self.mask_id = dlm.config.mask_token_id
         self.linear_kernel = use_linear_kernel(dlm, linear_kernel)
+        self.fused = fused_decoder_for(dlm, self.linear_kernel) if fused else None
 
     def new_cache(self, max_rows: int) -> KVCachePool:
         return KVCachePool(self.dlm.hf_config.num_hidden_layers, max_rows)
@@ -57,9 +61,16 @@ class ModelRunner:
         else:
             ids, pos, slots, mask, kv_len = self._padded(rows, fed)
         cache.bind(row_start, slots, kv_len)
-        out = self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                      use_cache=True)
-        return self._pick_logits(out.last_hidden_state, fed)
+        return self._pick_logits(self.decoder_hidden(ids, mask, pos, cache), fed)
+
+    def decoder_hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                       cache: KVCachePool) -> torch.Tensor:
+        """The model call of a forward: final hidden states [B, Q, H] of `ids` [B, Q] at `pos` under `mask`
+        [B, 1, Q, kv_len], on the bound `cache`."""
+        if self.fused is not None:
+            return self.fused.hidden(ids, mask, pos, cache)
+        return self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                       use_cache=True).last_hidden_state
 
     # ------------------------------------------------------------------------------------------ inputs
     def _ids(self, state, plan: Plan) -> list[int]:

@@ -11,8 +11,8 @@ def test_forward_cost_measures_every_width():
     tok = tiny_tokenizer()
     dlm = BlockDiffusionLM.from_base(tiny_model("llama", vocab_size=len(tok) + 1), tok, block_size=4).eval()
     calls = []
-    dlm.backbone.get_decoder().register_forward_hook(
-        lambda mod, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    embed = dlm.embed  # every forward, fused or Hugging Face's, embeds its fed ids once
+    dlm.embed = lambda ids: calls.append(ids.shape[1]) or embed(ids)
     costs = forward_cost(dlm, widths=(1, 3, 8), context=20, repeats=2)
     assert list(costs) == [1, 3, 8] and all(c > 0 for c in costs.values())
     assert calls == [20] + [1] * 3 + [3] * 3 + [8] * 3  # the context once, then (warm-up + repeats) per width

@@ -13,7 +13,7 @@ from ar2dlm.engine.policies import (ArPolicy, EntropyPolicy, Proposal, Sampling,
 from ar2dlm.engine.reference import reference_generate
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
-from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.testing import record_forwards, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):"]  # 12, 11 and 9 tokens
 
@@ -59,25 +59,19 @@ def test_cached_engine_equals_reference(tok, block_size, token_shift):
 def test_engine_feeds_only_new_blocks_after_prefill(tok):
     """No re-encoding of the prefix: after the first forward each one feeds at most [finished block | open block]."""
     dlm = _dlm(tok, block_size=4)
-    fed = []
-    hook = dlm.backbone.get_decoder().register_forward_hook(
-        lambda mod, args, kwargs, out: fed.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
-    try:
-        ids = tok(PROMPTS[0])["input_ids"]  # 12 tokens: 3 full prompt blocks, then blocks at 12, 16, ...
-        res = Engine(dlm, tok).generate(ids, max_new_tokens=16, tau=0.6, stop_token_ids=())
-    finally:
-        hook.remove()
+    engine = Engine(dlm, tok)
+    calls = record_forwards(engine.runner)
+    ids = tok(PROMPTS[0])["input_ids"]  # 12 tokens: 3 full prompt blocks, then blocks at 12, 16, ...
+    res = engine.generate(ids, max_new_tokens=16, tau=0.6, stop_token_ids=())
+    fed = [queries for _, queries, _ in calls]
     assert len(fed) == res.nfe
     assert fed[0] == 16  # prefill of the prompt blocks + the first block's first step, in one forward
     assert max(fed[1:]) <= 8 and min(fed[1:]) == 4
 
 
 def _record_forwards(engine):
-    """Per forward, (fed queries, attention key slots); per LM-head call, its rows."""
-    fed, heads = [], []
-    engine.dlm.backbone.get_decoder().register_forward_hook(
-        lambda mod, args, kwargs, out: fed.append((kwargs["inputs_embeds"].shape[1],
-                                                   kwargs["attention_mask"].shape[-1])), with_kwargs=True)
+    """Per forward, (rows, fed queries, attention key slots); per LM-head call, its rows."""
+    fed, heads = record_forwards(engine.runner), []
     engine.dlm.backbone.get_output_embeddings().register_forward_hook(
         lambda mod, args, out: heads.append(args[0].shape[0]))
     return fed, heads
@@ -92,7 +86,7 @@ def test_ar_model_feeds_one_token_per_forward(tok):
     fed, heads = _record_forwards(engine)
     res = engine.generate(ids, max_new_tokens=10, policy="ar", stop_token_ids=())
     assert res.nfe == len(fed) == 10
-    assert fed == [(len(ids), len(ids))] + [(1, len(ids) + t) for t in range(1, 10)]
+    assert fed == [(1, len(ids), len(ids))] + [(1, 1, len(ids) + t) for t in range(1, 10)]
     assert heads == [1] * 10
 
 
@@ -111,8 +105,8 @@ def test_ar_policy_on_a_block_dlm_skips_the_open_block(tok):
         assert (res.tokens, res.nfe) == (ref.tokens, ref.nfe), prompt
         assert len(fed) == res.nfe and heads == [1] * res.nfe
         if len(ids) % 4 == 0:
-            assert fed[0][0] == len(ids)  # the prompt's blocks only: the first token comes from the clean logit
-        assert max(q for q, _ in fed[1:]) <= 4  # never [finished block | open block]
+            assert fed[0][1] == len(ids)  # the prompt's blocks only: the first token comes from the clean logit
+        assert max(q for _, q, _ in fed[1:]) <= 4  # never [finished block | open block]
 
 
 def test_forward_with_nothing_to_feed():

@@ -10,7 +10,7 @@ from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.engine.kv_cache import KVCachePool
 from ar2dlm.engine.request import Status
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
-from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.testing import record_forwards, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x", "hello there, how are you doing today?"]
 
@@ -138,15 +138,10 @@ def test_no_starvation_and_first_come_first_served(dlm, tok):
 def test_prefill_budget_splits_new_requests(dlm, tok):
     """New requests whose padded prompt ranges exceed max_fed_tokens are prefilled over several forwards."""
     engine = Engine(dlm, tok, max_running=4, max_fed_tokens=20)
-    fed = []
-    dlm.backbone.get_decoder().register_forward_hook(
-        lambda mod, args, kwargs, out: fed.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
-    try:
-        params = DecodeParams(tau=0.6, max_new_tokens=8, stop_token_ids=())
-        res = engine.generate_batch([PROMPTS[0], PROMPTS[1], PROMPTS[2]], params)
-    finally:
-        dlm.backbone.get_decoder()._forward_hooks.clear()
-    assert all(b * q <= 20 or b == 1 for b, q in fed[:2])
+    fed = record_forwards(engine.runner)
+    params = DecodeParams(tau=0.6, max_new_tokens=8, stop_token_ids=())
+    res = engine.generate_batch([PROMPTS[0], PROMPTS[1], PROMPTS[2]], params)
+    assert all(b * q <= 20 or b == 1 for b, q, _ in fed[:2])
     assert [r.tokens for r in res] == [_alone(dlm, tok, p, params).tokens for p in PROMPTS[:3]]
 
 

@@ -42,6 +42,18 @@ def onednn_available() -> bool:
         return False
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of a float32 [out, in] weight (what `packed_linear` multiplies by)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` on the packed weight (float32 CPU tensors, no autograd)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed, None if bias is None else bias.detach(), "none", [], "")
+    return out.reshape(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose CPU float32 inference runs on a oneDNN-packed copy of its weight. Only ever made by
     swapping the class of an existing `nn.Linear` (`use_linear_kernel`), so it has no constructor of its own."""
@@ -60,17 +72,14 @@ class PackedLinear(nn.Linear):
         w = self.weight
         key = (w.data_ptr(), w._version, tuple(w.shape))
         if self._packed_key != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self._packed = pack_weight(w)
             self._packed_key = key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._usable(x):
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features).contiguous()
-        bias = None if self.bias is None else self.bias.detach()
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight(), bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return packed_linear(x, self.packed_weight(), self.bias, self.out_features)
 
     def drop_packed(self) -> None:
         self.__dict__.pop("_packed", None)
