@@ -28,10 +28,13 @@ class _Sequence:
 
 @torch.no_grad()
 def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int = 200, repeats: int = 5,
-                 seed: int = 0, linear_kernel: str = "auto") -> dict[int, float]:
+                 seed: int = 0, linear_kernel: str = "auto", fused: bool = True,
+                 masks: dict[int, int] | None = None) -> dict[int, float]:
     """Median seconds of one forward feeding `width` new positions after `context` cached ones, per width, with the
-    model's linear layers on `linear_kernel` (see ModelRunner)."""
-    runner = ModelRunner(dlm, linear_kernel)
+    model's linear layers on `linear_kernel` and the fused or Hugging Face decoder forward (see ModelRunner).
+    `masks` gives, per width, how many of its last positions hold the mask token (a verify forward's mask block,
+    which a gated drafter's adapter runs on); none by default."""
+    runner = ModelRunner(dlm, linear_kernel, fused)
     vocab = dlm.backbone.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, vocab - 1, (context + max(widths),), generator=gen).tolist()
@@ -40,9 +43,10 @@ def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int
     cache.allocate()
     runner.forward(cache, 0, [(_Sequence(toks, 0), Plan(0, context, 0, [context - 1],
                                                           groups=list(range(context))))])
-    state = _Sequence(toks, context)
     costs = {}
     for width in widths:
+        n_masks = (masks or {}).get(width, 0)
+        state = _Sequence(toks[:context + width - n_masks] + [dlm.config.mask_token_id] * n_masks, context)
         plan = Plan(context, context + width, context, list(range(context, context + width)),
                     groups=list(range(context, context + width)))
         times = []

@@ -28,10 +28,11 @@ def verify_width(drafts: int, every_length: bool) -> int:
 
 class DraftLengthChooser:
     def __init__(self, max_drafts: int, every_length: bool, cost_of_width):
-        """`cost_of_width(widths)` returns {width: seconds}; it is called once, with the widths of 1..max_drafts."""
+        """`cost_of_width(masks)` returns {width: seconds} for `masks`, {width: mask positions among them}; it is
+        called once, with the verify forwards of 1..max_drafts drafts."""
         self.max_drafts, self.every_length = max_drafts, every_length
-        widths = [verify_width(d, every_length) for d in range(1, max_drafts + 1)]
-        costs = cost_of_width(widths)
+        masks = {verify_width(d, every_length): verify_width(d, every_length) - d - 1 for d in range(1, max_drafts + 1)}
+        costs = cost_of_width(masks)
         self.cost = {d: costs[verify_width(d, every_length)] for d in range(1, max_drafts + 1)}
         self.offered = [0.0] * max_drafts  # forwards where draft k was checked with drafts 1..k-1 accepted
         self.accepted = [0.0] * max_drafts

@@ -73,8 +73,8 @@ class TextStream:
 
 class Engine:
     def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096,
-                 linear_kernel: str = "auto"):
-        self.runner = ModelRunner(dlm, linear_kernel)
+                 linear_kernel: str = "auto", fused: bool = True):
+        self.runner = ModelRunner(dlm, linear_kernel, fused)
         self._choosers: dict[bool, DraftLengthChooser] = {}
         self._warned_own_head = False
         self.dlm = self.runner.dlm
@@ -122,8 +122,9 @@ class Engine:
         if key not in self._choosers:
             self._choosers[key] = DraftLengthChooser(
                 max(1, self.dlm.config.block_size - 1), key,
-                lambda widths: forward_cost(self.dlm, widths, context=COST_CONTEXT, repeats=3,
-                                             linear_kernel=self.runner.linear_kernel))
+                lambda masks: forward_cost(self.dlm, list(masks), context=COST_CONTEXT, repeats=3,
+                                            linear_kernel=self.runner.linear_kernel,
+                                            fused=self.runner.fused is not None, masks=masks))
         return self._choosers[key]
 
     def abort(self, request_id: str) -> bool:

@@ -21,12 +21,14 @@ def test_width_of_a_verify_forward():
 def _chooser(costs: dict[int, float], every_length=False, max_drafts=3):
     seen = []
 
-    def cost(widths):
-        seen.append(list(widths))
-        return {w: costs[w] for w in widths}
+    def cost(masks):
+        seen.append(dict(masks))
+        return {w: costs[w] for w in masks}
 
     chooser = DraftLengthChooser(max_drafts, every_length, cost)
-    assert seen == [[verify_width(d, every_length) for d in range(1, max_drafts + 1)]]  # measured once
+    # measured once, each width with its mask block: d + 1 masks, or (d + 1)^2 with every_length
+    assert seen == [{verify_width(d, every_length): (d + 1) ** (2 if every_length else 1)
+                     for d in range(1, max_drafts + 1)}]
     return chooser
 
 

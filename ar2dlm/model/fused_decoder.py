@@ -15,7 +15,8 @@ same weights with what the engine's forward needs and nothing more, as gpt-fast 
 The result equals the Hugging Face forward up to float rounding (summation order). `fused_decoder_for` builds one
 per model and kernel, or returns None with the reason when a model does not fit (another architecture, sliding-window
 attention, an unmerged peft adapter, gradients on): the engine then runs Hugging Face's decoder.
-Packed copies are rebuilt when a weight changes (its version), so a model still being trained stays correct.
+Packed copies are rebuilt when a weight is updated in place (its version), so a model still being trained stays
+correct.
 """
 
 from __future__ import annotations
@@ -39,15 +40,15 @@ class FusedLinear:
         self.sizes = [b.out_features for b in self.bases]
         self.out_features = sum(self.sizes)
         self.packed = kernel == "onednn"
+        params = [t for b in self.bases for t in (b.weight, b.bias) if t is not None]
+        self._sources = params + [t for m in modules if isinstance(m, GatedLoRALinear) for t in (m.lora_A, m.lora_B)]
         self._key = None
 
-    def _params(self) -> list[torch.Tensor]:
-        params = [t for b in self.bases for t in (b.weight, b.bias) if t is not None]
-        return params + [t for m in self.modules if isinstance(m, GatedLoRALinear) for t in (m.lora_A, m.lora_B)]
-
     def _refresh(self) -> None:
-        """(Re)build the packed weight and the stacked LoRA matrices when any source tensor changed."""
-        key = tuple((t.data_ptr(), t._version) for t in self._params())
+        """(Re)build the packed weight and the stacked LoRA matrices when a source tensor was updated in place (its
+        version moved; checked every call, ~1 us). A parameter replaced by a new tensor object is not seen: build
+        a new engine then."""
+        key = [t._version for t in self._sources]
         if key == self._key:
             return
         biases = [b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in self.bases]

@@ -3,7 +3,8 @@
 The figure to read before choosing a draft length or a block size: a forward of `w` positions pays off only when it
 commits more than cost(w) / cost(1) tokens. Prints the curve (ms, x width 1, positions/s), optionally writes it as
 JSON and a plot. `--linear-kernels onednn,default` measures the curve once per kernel of the linear layers (oneDNN
-with packed weights, the engine's default on a CPU, against torch's default MKL path), in the same run.
+with packed weights, the engine's default on a CPU, against torch's default MKL path), and `--decoders fused,hf` once
+per decoder forward (the engine's fused one against Hugging Face's modules), every combination in the same run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from ar2dlm.model.open import MODEL_SPEC_HELP
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args
 from ar2dlm.utils.files import check_output_file, write_json
 
+DECODERS = ("fused", "hf")
+
 
 @dataclass
 class WidthBenchConfig:
@@ -25,6 +28,9 @@ class WidthBenchConfig:
     linear_kernels: str = field(default="auto", metadata={
         "help": "comma-separated kernels for the linear layers, one curve each: auto (the engine's choice), onednn "
                 "(packed weights), default (torch's own)"})
+    decoders: str = field(default="fused", metadata={
+        "help": "comma-separated decoder forwards, one curve each: fused (the engine's, for Llama-family models) "
+                "or hf (Hugging Face's modules)"})
     repeats: int = field(default=7, metadata={"help": "timed forwards per width (the median is reported)"})
     device: str = field(default="auto", metadata={"help": "device", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "write the curve here"})
@@ -33,6 +39,7 @@ class WidthBenchConfig:
     def __post_init__(self):
         self.width_list()
         self.kernel_list()
+        self.decoder_list()
         if self.context < 1 or self.repeats < 1:
             raise Ar2dlmError("--context and --repeats must be >= 1")
         check_output_file(self.json_out, "--json-out")
@@ -57,6 +64,14 @@ class WidthBenchConfig:
         return list(dict.fromkeys(kernels))
 
 
+    def decoder_list(self) -> list[str]:
+        decoders = [d.strip() for d in self.decoders.split(",") if d.strip()]
+        if not decoders or any(d not in DECODERS for d in decoders):
+            raise Ar2dlmError(f"--decoders must be a comma-separated list of {', '.join(DECODERS)}, "
+                              f"got {self.decoders!r}")
+        return list(dict.fromkeys(decoders))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, WidthBenchConfig)
 
@@ -69,6 +84,7 @@ def run(cfg: WidthBenchConfig) -> dict:
     import torch
 
     from ar2dlm.engine.cost import forward_cost
+    from ar2dlm.model.fused_decoder import unfusable_reason
     from ar2dlm.model.open import context_length, open_for_decoding
     from ar2dlm.model.packed_linear import resolve_kernel
     from ar2dlm.utils.devices import resolve_device
@@ -79,17 +95,22 @@ def run(cfg: WidthBenchConfig) -> dict:
     if limit is not None and cfg.context + max(cfg.width_list()) > limit:
         raise Ar2dlmError(f"--context + the widest forward exceed the model's context window ({limit})")
     kernels = list(dict.fromkeys(resolve_kernel(k, dlm) for k in cfg.kernel_list()))
+    if "fused" in cfg.decoder_list() and unfusable_reason(dlm) is not None:
+        print(f"note: {cfg.model} runs Hugging Face's decoder forward ({unfusable_reason(dlm)} has no fused one)")
     curves = {}
     for kernel in kernels:
-        costs = forward_cost(dlm, cfg.width_list(), cfg.context, cfg.repeats, linear_kernel=kernel)
-        one = costs[min(costs)]
-        curves[kernel] = [{"width": w, "ms": c * 1000, "x_width_1": c / one, "positions_per_s": w / c}
-                          for w, c in costs.items()]
+        for decoder in cfg.decoder_list():
+            costs = forward_cost(dlm, cfg.width_list(), cfg.context, cfg.repeats, linear_kernel=kernel,
+                                 fused=decoder == "fused")
+            one = costs[min(costs)]
+            curves[f"{kernel} + {decoder}"] = [{"width": w, "ms": c * 1000, "x_width_1": c / one,
+                                                "positions_per_s": w / c} for w, c in costs.items()]
     result = {"model": cfg.model, "device": str(device), "threads": torch.get_num_threads(), "context": cfg.context,
-              "curve": curves[kernels[0]], "curves": curves}
-    print(f"{cfg.model} on {device}, {torch.get_num_threads()} thread(s), {cfg.context} cached positions")
-    print(f"{'':>6}" + "".join(f"{k:>30}" for k in kernels))
-    print(f"{'width':>6}" + f"{'ms':>9}{'x w=1':>8}{'positions/s':>13}" * len(kernels))
+              "curve": next(iter(curves.values())), "curves": curves}
+    print(f"{cfg.model} on {device}, {torch.get_num_threads()} thread(s), {cfg.context} cached positions; "
+          "curves: linear kernel + decoder forward")
+    print(f"{'':>6}" + "".join(f"{k:>30}" for k in curves))
+    print(f"{'width':>6}" + f"{'ms':>9}{'x w=1':>8}{'positions/s':>13}" * len(curves))
     for i, width in enumerate(cfg.width_list()):
         print(f"{width:>6}" + "".join(f"{c[i]['ms']:>9.1f}{c[i]['x_width_1']:>8.2f}{c[i]['positions_per_s']:>13.0f}"
                                       for c in curves.values()))
@@ -108,8 +129,8 @@ def plot_curve(result: dict, path: str) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     widths = [p["width"] for p in result["curve"]]
-    for kernel, curve in result["curves"].items():
-        ax.plot(widths, [p["ms"] for p in curve], marker="o", label=f"{kernel} linear kernel")
+    for label, curve in result["curves"].items():
+        ax.plot(widths, [p["ms"] for p in curve], marker="o", label=f"{label} (linear kernel + decoder forward)")
     ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
