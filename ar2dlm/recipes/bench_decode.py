@@ -14,8 +14,8 @@ first) so that machine noise and drifting clocks hit them alike. Wall time is me
 `time.perf_counter` (prompts are tokenized beforehand, so it is decoding only).
 
 Counts:
-  * calls: batched forward passes of the model, counted by a hook on it (HF generate: one per generated position of
-    the batch, prefill included);
+  * calls: batched forward passes of the model (HF generate: counted by a hook on it, one per generated position of
+    the batch, prefill included; our engine: the model calls it made);
   * NFE: forward passes summed over the sequences, a sequence counting only until it has stopped (engine: each
     result's own count, the denoising steps of the reference decoder; a step with nothing to feed, whose one masked
     position reads a stored logit, makes no model call, so a dLM may show fewer calls than NFE at batch size 1;
@@ -209,15 +209,16 @@ def _hf_method(parent, stop_ids: tuple[int, ...], pad_id: int, max_new_tokens: i
     return _Method(LOOKUP_METHOD if prompt_lookup else HF_METHOD, "hf", run, lambda: counter.calls, None, model)
 
 
-def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: DecodeParams | None, model: str,
-                   counter: _CallCounter) -> _Method:
-    """`counter` counts the calls of `dlm`'s decoder (one counter per model: the dLM methods share it)."""
+def _engine_method(name: str, dlm, tokenizer, dcfg: DecodeParams, spec: DecodeParams | None,
+                   model: str) -> _Method:
+    """Our engine on `dlm`; its calls are the model calls the engine made (`Engine.forwards`), whichever decoder
+    forward ran them."""
     engine = Engine(dlm, tokenizer)
 
     def run(group: list[list[int]]) -> list[tuple[list[int], int]]:
         return [(r.tokens, r.nfe) for r in engine.generate_batch(group, dcfg)]
 
-    return _Method(name, "engine", run, lambda: counter.calls, spec, model)
+    return _Method(name, "engine", run, lambda: engine.forwards, spec, model)
 
 
 def _sync(device: torch.device) -> None:
@@ -334,12 +335,10 @@ def _build_methods(cfg: DecodeBenchConfig, specs: list[DecodeParams], models: _M
     pad_id = next(i for i in (parent_tok.pad_token_id, parent_tok.eos_token_id, *stops) if isinstance(i, int))
 
     ar_params = cfg.decode.replace(policy="ar", stop_token_ids=stops)
-    wrapped_calls, dlm_calls = _CallCounter(wrapped.backbone.get_decoder()), _CallCounter(dlm.backbone.get_decoder())
     parent_calls = _CallCounter(parent, stops)
     methods = [_hf_method(parent, stops, pad_id, max_new, device, base_name, parent_calls),
-               _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_params, None, base_name, wrapped_calls)]
-    methods += [_engine_method(s.label, dlm, tok, s.replace(stop_token_ids=stops), s, cfg.model, dlm_calls)
-                for s in specs]
+               _engine_method(AR_METHOD, wrapped, wrapped_tok, ar_params, None, base_name)]
+    methods += [_engine_method(s.label, dlm, tok, s.replace(stop_token_ids=stops), s, cfg.model) for s in specs]
 
     lookup = [_hf_method(parent, stops, pad_id, max_new, device, base_name, parent_calls, cfg.prompt_lookup)] \
         if cfg.prompt_lookup else []
