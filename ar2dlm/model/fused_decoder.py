@@ -199,10 +199,12 @@ def unfusable_reason(dlm) -> str | None:
 
 
 def fused_decoder_for(dlm, kernel: str) -> FusedDecoder | None:
-    """The model's fused decoder for `kernel` (built once per model and kernel), or None when it does not fit."""
+    """The model's fused decoder for `kernel` (built once per model, kernel, device and dtype, so moving or casting
+    the model gets a fresh one), or None when it does not fit."""
     if unfusable_reason(dlm) is not None:
         return None
     built = dlm.__dict__.setdefault("_fused_decoders", {})
-    if kernel not in built:
-        built[kernel] = FusedDecoder(dlm, kernel)
-    return built[kernel]
+    key = (kernel, dlm.mask_embedding.device, dlm.mask_embedding.dtype)
+    if key not in built:
+        built[key] = FusedDecoder(dlm, kernel)
+    return built[key]

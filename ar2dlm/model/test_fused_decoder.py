@@ -88,10 +88,13 @@ def test_packed_weights_follow_in_place_updates():
     _assert_same_as_hf(dlm, ids, 6, KERNELS[-1])
 
 
-def test_one_fused_decoder_per_model_and_kernel():
+def test_one_fused_decoder_per_model_kernel_and_dtype():
     dlm = _dlm()
-    assert fused_decoder_for(dlm, "default") is fused_decoder_for(dlm, "default")
-    assert fused_decoder_for(dlm, "default") is not fused_decoder_for(dlm, "onednn")
+    first = fused_decoder_for(dlm, "default")
+    assert fused_decoder_for(dlm, "default") is first
+    assert fused_decoder_for(dlm, "onednn") is not first
+    dlm.double()  # a cast model gets its own (the cached LoRA stacks and packed weights are per dtype)
+    assert fused_decoder_for(dlm, "default") is not first
 
 
 def test_models_that_do_not_fit_run_hugging_face():
