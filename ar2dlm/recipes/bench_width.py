@@ -57,19 +57,18 @@ class WidthBenchConfig:
     def kernel_list(self) -> list[str]:
         from ar2dlm.model.packed_linear import KERNELS
 
-        kernels = [k.strip() for k in self.linear_kernels.split(",") if k.strip()]
-        if not kernels or any(k not in KERNELS for k in kernels):
-            raise Ar2dlmError(f"--linear-kernels must be a comma-separated list of {', '.join(KERNELS)}, "
-                              f"got {self.linear_kernels!r}")
-        return list(dict.fromkeys(kernels))
-
+        return _choices(self.linear_kernels, KERNELS, "--linear-kernels")
 
     def decoder_list(self) -> list[str]:
-        decoders = [d.strip() for d in self.decoders.split(",") if d.strip()]
-        if not decoders or any(d not in DECODERS for d in decoders):
-            raise Ar2dlmError(f"--decoders must be a comma-separated list of {', '.join(DECODERS)}, "
-                              f"got {self.decoders!r}")
-        return list(dict.fromkeys(decoders))
+        return _choices(self.decoders, DECODERS, "--decoders")
+
+
+def _choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    """The distinct entries of a comma-separated option, in order; each must be one of `allowed`."""
+    picked = [t.strip() for t in text.split(",") if t.strip()]
+    if not picked or any(t not in allowed for t in picked):
+        raise Ar2dlmError(f"{option} must be a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(picked))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
