@@ -3,7 +3,7 @@
 Hugging Face's decoder spends about as long in Python and small tensor operations as in the matmuls when a forward
 feeds 1-16 positions on a CPU: per layer it runs q, k and v (and gate and up) as separate products, applies RoPE in
 six operations, builds and checks masks, and wraps every call in modules and keyword plumbing. On SmolLM2-135M
-(float32, 2 cores) that is ~25 of the ~75 ms of a one-position forward. This forward runs the same function on the
+(float32, 2 cores) that is ~28 of the ~84 ms of a one-position forward. This forward runs the same function on the
 same weights with what the engine's forward needs and nothing more, as gpt-fast and vLLM do:
 
 * q, k and v as one product, gate and up as one (`FusedLinear`), on oneDNN-packed weights on a CPU
@@ -14,7 +14,8 @@ same weights with what the engine's forward needs and nothing more, as gpt-fast 
 
 The result equals the Hugging Face forward up to float rounding (summation order). `fused_decoder_for` builds one
 per model and kernel, or returns None with the reason when a model does not fit (another architecture, sliding-window
-attention, an unmerged peft adapter, gradients on): the engine then runs Hugging Face's decoder.
+attention, an unmerged peft adapter): the engine then runs Hugging Face's decoder. It is an inference forward (no
+gradients); training keeps Hugging Face's modules.
 Packed copies are rebuilt when a weight is updated in place (its version), so a model still being trained stays
 correct.
 """
