@@ -31,9 +31,9 @@ class DraftLengthChooser:
         """`cost_of_width(masks)` returns {width: seconds} for `masks`, {width: mask positions among them}; it is
         called once, with the verify forwards of 1..max_drafts drafts."""
         self.max_drafts, self.every_length = max_drafts, every_length
-        masks = {verify_width(d, every_length): verify_width(d, every_length) - d - 1 for d in range(1, max_drafts + 1)}
-        costs = cost_of_width(masks)
-        self.cost = {d: costs[verify_width(d, every_length)] for d in range(1, max_drafts + 1)}
+        widths = {d: verify_width(d, every_length) for d in range(1, max_drafts + 1)}
+        costs = cost_of_width({w: w - d - 1 for d, w in widths.items()})  # all but the d + 1 clean positions
+        self.cost = {d: costs[w] for d, w in widths.items()}
         self.offered = [0.0] * max_drafts  # forwards where draft k was checked with drafts 1..k-1 accepted
         self.accepted = [0.0] * max_drafts
 

@@ -52,10 +52,10 @@ class FusedLinear:
         key = [t._version for t in self._sources]
         if key == self._key:
             return
-        biases = [b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in self.bases]
-        self.bias = torch.cat(biases).detach() if any(b.bias is not None for b in self.bases) else None
-        if self.packed:
+        if self.packed:  # otherwise the parts' own weights and biases are used as they are
             self.weight = pack_weight(torch.cat([b.weight.detach() for b in self.bases]))
+            biases = [b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in self.bases]
+            self.bias = torch.cat(biases).detach() if any(b.bias is not None for b in self.bases) else None
         self.lora_down, self.lora_up = self._stack_lora()
         self._key = key
 
@@ -96,11 +96,17 @@ class FusedLinear:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    if x.dtype != torch.float32:
-        return norm(x)  # the model's own module: its upcast and cast back for half precision
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+class _Norm:
+    """An RMSNorm module with its epsilon read once (the forward calls it twice per layer)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.weight = module, module.weight
+        self.eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else getattr(module, "eps", 1e-6)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self.module(x)  # the model's own module: its upcast and cast back for half precision
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def _rope(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -117,8 +123,9 @@ class _Layer:
         self.o = FusedLinear([attn.o_proj], kernel)
         self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], kernel)
         self.down = FusedLinear([mlp.down_proj], kernel)
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.input_norm, self.post_norm = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
+        self.q_norm = _Norm(attn.q_norm) if hasattr(attn, "q_norm") else None
+        self.k_norm = _Norm(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.scaling = attn.scaling
 
 
@@ -133,6 +140,7 @@ class FusedDecoder:
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.intermediate = cfg.intermediate_size
         self.layers = [_Layer(layer, kernel) for layer in self.decoder.layers]
+        self.final_norm = _Norm(self.decoder.norm)
         self.mask_id = dlm.config.mask_token_id if isinstance(dlm, GatedDrafterLM) else None
 
     def _gated_rows(self, ids: torch.Tensor):
@@ -158,21 +166,21 @@ class FusedDecoder:
         signed_sin = torch.cat([-sin[..., :d // 2], sin[..., d // 2:]], dim=-1)[:, :, None, :]
         gated = self._gated_rows(ids)
         for cache_layer, layer in zip(cache.layers, self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.input_norm), gated).view(batch, seq, hq + 2 * hk, d)
+            qkv = layer.qkv(layer.input_norm(x), gated).view(batch, seq, hq + 2 * hk, d)
             if layer.q_norm is None:
                 qk = _rope(qkv[:, :, :hq + hk], cos, signed_sin)
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
             else:
-                q = _rope(_rms_norm(qkv[:, :, :hq], layer.q_norm), cos, signed_sin)
-                k = _rope(_rms_norm(qkv[:, :, hq:hq + hk], layer.k_norm), cos, signed_sin)
+                q = _rope(layer.q_norm(qkv[:, :, :hq]), cos, signed_sin)
+                k = _rope(layer.k_norm(qkv[:, :, hq:hq + hk]), cos, signed_sin)
             keys, values = cache_layer.update(k.transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2))
             att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                                  scale=layer.scaling, enable_gqa=hq != hk)
             x = x + layer.o(att.transpose(1, 2).reshape(batch, seq, hq * d), gated)
-            gate_up = layer.gate_up(_rms_norm(x, layer.post_norm), gated)
+            gate_up = layer.gate_up(layer.post_norm(x), gated)
             act = F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
             x = x + layer.down(act, gated)
-        return _rms_norm(x, self.decoder.norm)
+        return self.final_norm(x)
 
 
 def unfusable_reason(dlm) -> str | None:

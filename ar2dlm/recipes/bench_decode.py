@@ -170,9 +170,6 @@ class _CallCounter:
             self._done |= torch.isin(ids[:, -1].cpu(), self._stops)
         self.rows += (~self._done).long()
 
-    def remove(self) -> None:
-        self._handle.remove()
-
 
 @dataclass
 class _Method:
