@@ -26,26 +26,31 @@ class _Sequence:
         self.toks, self.cached = toks, cached
 
 
-@torch.no_grad()
 def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int = 200, repeats: int = 5,
-                 seed: int = 0, linear_kernel: str = "auto", fused: bool = True,
-                 masks: dict[int, int] | None = None) -> dict[int, float]:
+                 seed: int = 0, linear_kernel: str = "auto", fused: bool = True) -> dict[int, float]:
     """Median seconds of one forward feeding `width` new positions after `context` cached ones, per width, with the
-    model's linear layers on `linear_kernel` and the fused or Hugging Face decoder forward (see ModelRunner).
-    `masks` gives, per width, how many of its last positions hold the mask token (a verify forward's mask block,
-    which a gated drafter's adapter runs on); none by default."""
+    model's linear layers on `linear_kernel` and the fused or Hugging Face decoder forward (see ModelRunner)."""
+    costs = shape_cost(dlm, [(width, 0) for width in widths], context, repeats, seed, linear_kernel, fused)
+    return {width: seconds for (width, _), seconds in costs.items()}
+
+
+@torch.no_grad()
+def shape_cost(dlm, shapes: Sequence[tuple[int, int]], context: int = 200, repeats: int = 5, seed: int = 0,
+               linear_kernel: str = "auto", fused: bool = True) -> dict[tuple[int, int], float]:
+    """`forward_cost` per (width, masks) shape: the last `masks` of the fed positions hold the mask token (a verify
+    forward's mask block, which a gated drafter's adapter runs on)."""
     runner = ModelRunner(dlm, linear_kernel, fused)
     vocab = dlm.backbone.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    toks = torch.randint(0, vocab - 1, (context + max(widths),), generator=gen).tolist()
+    longest = max(width for width, _ in shapes)
+    toks = torch.randint(0, vocab - 1, (context + longest,), generator=gen).tolist()
     cache = runner.new_cache(1)
-    cache.reserve(context + max(widths) + 1)
+    cache.reserve(context + longest + 1)
     cache.allocate()
     runner.forward(cache, 0, [(_Sequence(toks, 0), Plan(0, context, 0, [context - 1],
                                                           groups=list(range(context))))])
     costs = {}
-    for width in widths:
-        n_masks = (masks or {}).get(width, 0)
+    for width, n_masks in shapes:
         state = _Sequence(toks[:context + width - n_masks] + [dlm.config.mask_token_id] * n_masks, context)
         plan = Plan(context, context + width, context, list(range(context, context + width)),
                     groups=list(range(context, context + width)))
@@ -58,5 +63,5 @@ def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int
             if dlm.device.type == "cuda":
                 torch.cuda.synchronize(dlm.device)
             times.append(time.perf_counter() - t0)
-        costs[width] = statistics.median(times[1:])
+        costs[(width, n_masks)] = statistics.median(times[1:])
     return costs

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ar2dlm.engine.cost import forward_cost
+from ar2dlm.engine.cost import shape_cost
 from ar2dlm.engine.draft_length import COST_CONTEXT, DraftLengthChooser
 from ar2dlm.engine.output import GenerationResult, default_stop_ids, encode_prompt
 from ar2dlm.engine.params import AUTO, DecodeParams
@@ -76,7 +76,7 @@ class Engine:
     def __init__(self, dlm: BlockDiffusionLM, tokenizer=None, max_running: int = 16, max_fed_tokens: int = 4096,
                  linear_kernel: str = "auto", fused: bool = True):
         self.runner = ModelRunner(dlm, linear_kernel, fused)
-        self._choosers: dict[bool, DraftLengthChooser] = {}
+        self._choosers: dict[tuple[bool, bool], DraftLengthChooser] = {}
         self._warned_own_head = False
         self.dlm = self.runner.dlm
         self.tokenizer = tokenizer
@@ -115,17 +115,18 @@ class Engine:
                         "stream), not its parent's; a gated drafter (convert --drafter) verifies with the parent")
 
     def _draft_chooser(self, params: DecodeParams) -> DraftLengthChooser | None:
-        """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout; its cost
-        curve is measured on first use)."""
+        """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout and use of
+        prompt lookup; its forward costs are measured on first use)."""
         if params.policy != "verify" or params.draft_len != AUTO:
             return None
-        key = params.draft_every_length
+        key = (params.draft_every_length, params.lookup_drafts)
         if key not in self._choosers:
             self._choosers[key] = DraftLengthChooser(
-                max(1, self.dlm.config.block_size - 1), key,
-                lambda masks: forward_cost(self.dlm, list(masks), context=COST_CONTEXT, repeats=3,
-                                            linear_kernel=self.runner.linear_kernel,
-                                            fused=self.runner.fused is not None, masks=masks))
+                max(1, self.dlm.config.block_size - 1), params.draft_every_length,
+                lambda shapes: shape_cost(self.dlm, sorted(shapes), context=COST_CONTEXT, repeats=3,
+                                          linear_kernel=self.runner.linear_kernel,
+                                          fused=self.runner.fused is not None),
+                lookup=params.lookup_drafts)
         return self._choosers[key]
 
     def abort(self, request_id: str) -> bool:

@@ -7,49 +7,124 @@ import argparse
 import pytest
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.draft_length import DraftLengthChooser, verify_width
+from ar2dlm.engine.draft_length import DraftLengthChooser, verify_shape, verify_width
 from ar2dlm.engine.params import add_decode_args, decode_params_from_args
 from ar2dlm.engine.test_verify import PROMPTS, _hf_greedy, _random_adapter_drafter, parent_and_dlm, tok  # noqa: F401
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.testing import record_forwards
 
 
-def test_width_of_a_verify_forward():
+def test_shapes_of_verify_forwards():
     assert [verify_width(d, False) for d in (1, 2, 3)] == [4, 6, 8]
     assert [verify_width(d, True) for d in (1, 2, 3)] == [6, 12, 20]
+    assert verify_shape(0, 0, False) == verify_shape(0, 0, True) == (1, 0)  # a plain forward
+    assert verify_shape(0, 2, False) == verify_shape(0, 2, True) == (4, 3)  # no drafts yet: one block of 3 masks
+    assert verify_shape(3, 0, False) == (4, 0)  # prompt-lookup drafts checked by a plain forward
+    assert verify_shape(2, 2, True) == (12, 9)
 
 
-def _chooser(costs: dict[int, float], every_length=False, max_drafts=3):
+def _chooser(costs, every_length=False, max_drafts=3, lookup=False):
+    """A chooser over a cost function of (width, masks); checks it asks for every shape it needs, once."""
     seen = []
 
-    def cost(masks):
-        seen.append(dict(masks))
-        return {w: costs[w] for w in masks}
+    def cost(shapes):
+        seen.append(set(shapes))
+        return {shape: costs(*shape) for shape in shapes}
 
-    chooser = DraftLengthChooser(max_drafts, every_length, cost)
-    # measured once, each width with its mask block: d + 1 masks, or (d + 1)^2 with every_length
-    assert seen == [{verify_width(d, every_length): (d + 1) ** (2 if every_length else 1)
-                     for d in range(1, max_drafts + 1)}]
+    chooser = DraftLengthChooser(max_drafts, every_length, cost, lookup)
+    lengths = range(max_drafts + 1)
+    lookup_len = [max_drafts, *range(1, max_drafts + 1)]
+    assert seen == [{verify_shape(d, d, every_length) for d in lengths} | {verify_shape(0, d, every_length)
+                    for d in lengths} | {verify_shape(lookup_len[d], d, every_length) for d in lengths}]
     return chooser
 
 
-def test_flat_cost_drafts_as_far_as_it_can_and_steep_cost_needs_acceptance():
-    flat = _chooser({4: 1.0, 6: 1.0, 8: 1.0})
-    assert flat.choose() == 3
-    steep = _chooser({4: 1.0, 6: 1.3, 8: 1.6})
-    for _ in range(50):  # drafts almost never accepted: one draft is all that pays
-        steep.record(checked=3, accepted=0)
-    assert steep.rates()[0] < 0.05 and steep.choose() == 1
-    for _ in range(500):  # then always accepted (the old forwards fade): T(3) ~ 4 tokens for 1.6x the cost of T(1) ~ 2
-        steep.record(checked=3, accepted=3)
-    assert steep.expected_tokens(3) == pytest.approx(4.0, abs=0.15) and steep.choose() == 3
+def _flat(width, masks):
+    return 1.0
+
+
+def _steep(width, masks):  # a CPU: a forward of 8 positions costs 1.7x one of 1
+    return 1.0 + 0.1 * (width - 1)
+
+
+def test_flat_cost_drafts_as_far_as_it_can():
+    assert _chooser(_flat).choose() == 3
+    assert _chooser(_flat, every_length=True).choose() == 3
+
+
+def test_steep_cost_drafts_only_when_acceptance_pays_and_else_runs_plain_forwards():
+    steep = _chooser(_steep)
+    assert steep.choose() >= 1  # no evidence on the drafts yet: try them
+    for _ in range(50):  # drafts never accepted: plain forwards are fastest
+        steep.record(checked=3, accepted=0, model_drafts=True)
+        steep.record(checked=0, accepted=0, model_drafts=False)  # the forward after a rejection has no drafts
+    assert steep.model.rates()[0] < 0.05 and steep.choose() == 0
+    assert steep.rate(0) == pytest.approx(1.0)
+    for _ in range(500):  # then always accepted (the old forwards fade): T(3) = 4 tokens for 1.7x the cost
+        steep.record(checked=3, accepted=3, model_drafts=True)
+    assert steep.model.expected(3)[0] == pytest.approx(4.0, abs=0.15) and steep.choose() == 3
+
+
+def test_two_states_a_rejection_costs_a_forward_without_drafts():
+    """Half the first drafts accepted, every later one: drafting 3 would commit T = 1 + 0.5 * 3 = 2.5 tokens a
+    forward if every forward had drafts, but half the time the next forward has none (1 token for the price of a
+    forward drafting 3); the chain's rate says so."""
+    chooser = _chooser(lambda width, masks: 1.0 + 0.05 * (width - 1))
+    for _ in range(400):
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        chooser.record(checked=3, accepted=3, model_drafts=True)
+    tokens, kept = chooser.model.expected(3)
+    assert tokens == pytest.approx(2.5, abs=0.05) and kept == pytest.approx(0.5, abs=0.05)
+    with_drafts, free = 1.0 + 0.05 * 7, 1.0 + 0.05 * 4  # widths 8 and 5
+    expected = (tokens + (1 - kept) * 1.0) / (with_drafts + (1 - kept) * free)
+    assert chooser.rate(3) == pytest.approx(expected)
+    assert chooser.rate(3) < tokens / with_drafts
+
+
+def test_drafts_of_every_length_never_lose_their_drafts():
+    chooser = _chooser(_flat, every_length=True)
+    for _ in range(400):
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        chooser.record(checked=3, accepted=3, model_drafts=True)
+    assert chooser.rate(3) == pytest.approx(chooser.model.expected(3)[0])
+
+
+def test_lookup_statistics_price_the_forwards_without_model_drafts():
+    chooser = _chooser(_steep, lookup=True)
+    for _ in range(300):  # lookup always finds drafts and all are accepted; the model's never are
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        chooser.record(checked=3, accepted=3, model_drafts=False)
+    assert chooser.lookup_found / chooser.free_forwards == pytest.approx(1.0)
+    assert chooser.choose() == 0  # plain forwards checking 3 lookup drafts: ~4 tokens for the cost of width 4
+    assert chooser.rate(0) == pytest.approx(4.0 / _steep(4, 0), rel=0.1)  # the prior still counts a little
+
+
+def test_plain_forwards_fade_the_evidence_until_drafts_are_tried_again():
+    chooser = _chooser(_steep)
+    for _ in range(100):  # ~43 forwards' worth of evidence (the older ones decayed)
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+    assert chooser.choose() == 0
+    plain = 0
+    while chooser.choose() == 0:
+        chooser.record(checked=0, accepted=0, model_drafts=False, plain=True)
+        plain += 1
+    assert 250 < plain < 450  # faded to MIN_EVIDENCE forwards' worth: try the drafts again
+    tries = 0
+    while chooser.choose() > 0:  # until twice MIN_EVIDENCE, even though they are still wrong
+        chooser.record(checked=chooser.choose(), accepted=0, model_drafts=True)
+        tries += 1
+    assert 5 < tries < 15
 
 
 def test_record_counts_drafts_reached_only():
-    chooser = _chooser({4: 1.0, 6: 1.0, 8: 1.0})
-    chooser.record(checked=3, accepted=1)  # draft 1 accepted, draft 2 rejected, draft 3 never judged
-    assert chooser.offered == [1, 1, 0] and chooser.accepted == [1, 0, 0]
-    chooser.record(checked=1, accepted=1)  # the earlier forward now counts 0.98
-    assert chooser.offered == pytest.approx([1.98, 0.98, 0]) and chooser.accepted == pytest.approx([1.98, 0, 0])
+    chooser = _chooser(_flat)
+    chooser.record(checked=3, accepted=1, model_drafts=True)  # draft 1 accepted, 2 rejected, 3 never judged
+    assert chooser.model.offered == [1, 1, 0] and chooser.model.accepted == [1, 0, 0]
+    chooser.record(checked=1, accepted=1, model_drafts=True)  # the earlier forward now counts 0.98
+    assert chooser.model.offered == pytest.approx([1.98, 0.98, 0])
+    assert chooser.model.accepted == pytest.approx([1.98, 0, 0])
+    chooser.record(checked=2, accepted=0, model_drafts=False)  # lookup drafts: their own counts
+    assert chooser.looked_up.offered == [1, 0, 0] and chooser.free_forwards == chooser.lookup_found == 1
 
 
 def test_auto_is_a_draft_len_everywhere():
@@ -77,5 +152,26 @@ def test_engine_auto_chooses_per_forward_and_keeps_the_output(tok, parent_and_dl
                           draft_every_length=every_length)
     results = engine.generate_batch(PROMPTS, params)
     assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 14) for p in PROMPTS]
-    chooser = engine._choosers[every_length]
-    assert sum(chooser.offered) > 0 and set(chooser.cost) == {1, 2, 3}
+    chooser = engine._choosers[(every_length, False)]
+    assert sum(chooser.model.offered) > 0 and (1, 0) in chooser.cost
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_engine_turns_to_plain_forwards_where_drafts_do_not_pay(tok, parent_and_dlm, lookup):  # noqa: F811
+    """A drafter whose drafts are wrong on hardware where width costs: after 2 * MIN_EVIDENCE judged drafts the engine
+    runs forwards of one position (plus lookup drafts), and the output stays the AR model's."""
+    parent, _ = parent_and_dlm
+    engine = Engine(_random_adapter_drafter(tok, scale=3.0), tok, max_running=1)
+    engine._choosers[(False, lookup)] = DraftLengthChooser(3, False, lambda shapes: {s: _steep(*s) for s in shapes},
+                                                           lookup)
+    forwards = record_forwards(engine.runner)
+    params = DecodeParams(policy="verify", draft_len="auto", max_new_tokens=80, stop_token_ids=(),
+                          lookup_drafts=lookup)
+    prompt = PROMPTS[0]
+    assert engine.generate_batch([prompt], params)[0].tokens == _hf_greedy(parent, tok(prompt)["input_ids"], 80)
+    chooser = engine._choosers[(False, lookup)]
+    assert chooser.model.rates()[0] < 0.3 and chooser.choose() == 0
+    widths = [fed for _, fed, _ in forwards[1:]]  # after the prompt's forward
+    widest_plain = 1 + (3 if lookup else 0)
+    assert widths[-10:] and all(w <= widest_plain for w in widths[-10:])
+    assert any(w > widest_plain for w in widths)  # the drafts were tried first

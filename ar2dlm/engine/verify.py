@@ -21,7 +21,8 @@ forward (the cache counts as valid up to the last committed token only).
 With `every_length` (TiDAR-style) the forward feeds one mask block per possible acceptance length 0..drafts instead,
 each at the positions it drafts and seeing only the clean prefix it assumes accepted; the block matching the outcome
 gives the next drafts, so a forward after a rejected draft still has drafts to check. With a `chooser`
-(`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward. With `lookup`, a
+(`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward; a length of 0 is
+a plain AR forward (no mask block), for hardware where drafting does not pay. With `lookup`, a
 forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
 drafts instead (engine/lookup.py), when the sequence's last tokens occurred before.
 
@@ -73,7 +74,8 @@ class VerifyState:
 
     def _fed_drafts(self) -> list[int]:
         """The drafts this forward checks: at most the draft length, none at or past the length limit."""
-        return self.drafts[:max(min(self.draft_len, self.limit - len(self.toks) - 1), 0)]
+        most = len(self.drafts) if self.looked_up else self.draft_len  # lookup drafts come at the length wanted
+        return self.drafts[:max(min(most, self.limit - len(self.toks) - 1), 0)]
 
     @property
     def slot_limit(self) -> int:
@@ -94,8 +96,11 @@ class VerifyState:
         committed token on, and of the mask positions that draft a position before the length limit."""
         if self.chooser is not None:
             self.draft_len = self.chooser.choose()
+            if self.draft_len == 0:  # a plain forward: no mask block, and the model's drafts are not checked
+                self.drafts, self.draft_probs = [], None
         if self.lookup and not self.drafts:
-            self.drafts, self.draft_probs = lookup_drafts(self.toks, self.draft_len), None
+            length = self.chooser.lookup_len(self.draft_len) if self.chooser is not None else self.draft_len
+            self.drafts, self.draft_probs = lookup_drafts(self.toks, length), None
             self.looked_up = bool(self.drafts)
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
@@ -133,8 +138,9 @@ class VerifyState:
         accepted, token = policy.accept(drafts, q, logits[:len(drafts) + 1], sampling, generator)
         self.offered_drafts += len(drafts)
         self.accepted_drafts += accepted
-        if self.chooser is not None and drafts and not self.looked_up:  # the model's acceptance only
-            self.chooser.record(len(drafts), accepted)
+        if self.chooser is not None:
+            self.chooser.record(len(drafts), accepted, model_drafts=bool(drafts) and not self.looked_up,
+                                plain=self.draft_len == 0)
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
         self.drafts, self.draft_probs, self.looked_up = [], None, False
