@@ -36,19 +36,21 @@ def forward_cost(dlm, widths: Sequence[int] = (1, 2, 4, 8, 16, 32), context: int
 
 @torch.no_grad()
 def shape_cost(dlm, shapes: Sequence[tuple[int, int]], context: int = 200, repeats: int = 5, seed: int = 0,
-               linear_kernel: str = "auto", fused: bool = True) -> dict[tuple[int, int], float]:
+               linear_kernel: str = "auto", fused: bool = True, rows: int = 1) -> dict[tuple[int, int], float]:
     """`forward_cost` per (width, masks) shape: the last `masks` of the fed positions hold the mask token (a verify
-    forward's mask block, which a gated drafter's adapter runs on)."""
+    forward's mask block, which a gated drafter's adapter runs on); `rows` sequences feed it side by side (a batch of
+    running requests)."""
     runner = ModelRunner(dlm, linear_kernel, fused)
     vocab = dlm.backbone.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     longest = max(width for width, _ in shapes)
     toks = torch.randint(0, vocab - 1, (context + longest,), generator=gen).tolist()
-    cache = runner.new_cache(1)
+    cache = runner.new_cache(rows)
     cache.reserve(context + longest + 1)
-    cache.allocate()
+    for _ in range(rows):
+        cache.allocate()
     runner.forward(cache, 0, [(_Sequence(toks, 0), Plan(0, context, 0, [context - 1],
-                                                          groups=list(range(context))))])
+                                                          groups=list(range(context))))] * rows)
     costs = {}
     for width, n_masks in shapes:
         state = _Sequence(toks[:context + width - n_masks] + [dlm.config.mask_token_id] * n_masks, context)
@@ -59,7 +61,7 @@ def shape_cost(dlm, shapes: Sequence[tuple[int, int]], context: int = 200, repea
             if dlm.device.type == "cuda":
                 torch.cuda.synchronize(dlm.device)
             t0 = time.perf_counter()
-            runner.forward(cache, 0, [(state, plan)])
+            runner.forward(cache, 0, [(state, plan)] * rows)
             if dlm.device.type == "cuda":
                 torch.cuda.synchronize(dlm.device)
             times.append(time.perf_counter() - t0)

@@ -6,31 +6,36 @@ them): a forward checking D drafts commits on average T(D) = 1 + sum_{k<=D} r_1 
 chance that draft k is accepted once drafts 1..k-1 were, and keeps drafts for the next forward only if all D were
 accepted (chance P = r_1 ... r_D); otherwise the next forward is *without drafts*: it commits 1 token (or checks
 prompt-lookup drafts, with `lookup`) and its mask block drafts for the one after. With drafts for every acceptance
-length (`every_length`) a sequence always has drafts. The chooser takes the D that maximises tokens per second over
-this two-state chain,
+length (`every_length`) a sequence always has drafts. The chooser takes the choice (D, and with `lookup` whether
+forwards without model drafts look drafts up) that maximises tokens per second over this two-state chain,
 
-    rate(D) = (T(D) + (1 - P) / q * E_free(D)) / (cost_with(D) + (1 - P) / q * cost_free(D)),
+    rate = (T(D) + (1 - P) / q * E_free) / (cost_with(D) + (1 - P) / q * cost_free),
 
-with E_free, cost_free and q (the chance of having drafts after a forward without them) from the lookup statistics,
-or D = 0: plain forwards of 1 position (plus lookup drafts), which wins on hardware where a wide forward costs much
-more than a narrow one and the drafts are often wrong. On a GPU, where forwards of up to 32 positions cost about
-one position's, it drafts as far as the model was trained to.
+with E_free, cost_free and q (the chance of having drafts after a forward without them) from the lookup statistics
+(how often a lookup finds drafts, how often they are accepted), or D = 0: plain forwards of 1 position (plus lookup
+drafts), which wins on hardware where a wide forward costs much more than a narrow one and the drafts are often
+wrong. On a GPU, where forwards of up to 32 positions cost about one position's, it drafts as far as the model was
+trained to.
 
-The costs of the forward shapes involved are measured once per engine, through the engine's own runner
-(`cost.forward_cost`), on the first request that asks for `auto`. The acceptance rates start at a prior
-(`PRIOR_ACCEPTED` of `PRIOR_OFFERED`) and are updated by every verify forward of every request in the engine; older
-forwards count less (each forward scales all counts by `DECAY`, a memory of about 50 forwards), so the rates follow
-the prompts being served. Plain forwards teach nothing about the drafts, only age what is known (`PLAIN_FADE`); once
-the evidence on the model's first draft is under `MIN_EVIDENCE` forwards (at the start, or after a few hundred plain
-forwards) the chooser drafts until it has twice that, then chooses freely again.
+The costs of the forward shapes involved are measured through the engine's own runner (`cost.shape_cost`), once per
+engine on the first request that asks for `auto`, and once more for each batch size (rounded down to a power of two)
+the engine runs at: in a batch the rows' positions add up, so on a CPU drafting pays less the more rows run, and
+every row's forward is padded to the widest row's (with drafts, or with lookup drafts if any row found some). The
+acceptance rates start at a prior (`PRIOR_ACCEPTED` of `PRIOR_OFFERED`) and are updated by every verify forward of
+every request in the engine; older forwards count less (each forward scales its counts by `DECAY`, a memory of
+about 50 forwards), so the rates follow the prompts being served. Plain forwards teach nothing about the drafts, only
+age what is known (`PLAIN_FADE`); once the evidence on the model's first draft is under `MIN_EVIDENCE` forwards (at
+the start, or after a few hundred plain forwards) the chooser drafts until it has twice that, then chooses freely.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 PRIOR_ACCEPTED, PRIOR_OFFERED = 1.0, 2.0  # a draft starts as a coin flip, outweighed after a few forwards
 DECAY = 0.98
-PLAIN_FADE = 0.995  # what a plain forward (draft length 0) does to the model's counts: they age, ~200 forwards
-MIN_EVIDENCE = 8.0  # decayed forwards that judged a first model draft, below which the chooser tries drafts again
+PLAIN_FADE = 0.997  # what a plain forward (draft length 0) does to the model's counts: they age, ~300 forwards
+MIN_EVIDENCE = 5.0  # decayed forwards that judged a first model draft, below which the chooser tries drafts again
 COST_CONTEXT = 128  # cached positions of the cost measurement (the curve barely depends on it)
 
 Shape = tuple[int, int]  # (positions a forward feeds, mask positions among them)
@@ -78,64 +83,83 @@ class Acceptance:
         return total, reach
 
 
+class Choice(NamedTuple):
+    drafts: int  # model drafts checked and made per forward (0: a plain forward, no mask block)
+    lookup: int  # prompt-lookup drafts a forward without model drafts checks at most (0: none)
+
+
 class DraftLengthChooser:
     def __init__(self, max_drafts: int, every_length: bool, cost_of_shapes, lookup: bool = False):
-        """`cost_of_shapes(shapes)` returns {shape: seconds} for a set of (width, masks) shapes; it is called once.
-        With `lookup`, forwards without model drafts check up to D prompt-lookup drafts (max_drafts when D = 0)."""
-        self.max_drafts, self.every_length, self.lookup = max_drafts, every_length, lookup
+        """`cost_of_shapes(shapes, rows)` returns {shape: seconds} for a set of (width, masks) shapes fed by `rows`
+        sequences side by side; it is called once per batch-size bucket (1, 2, 4, 8, ...) the engine runs at. With
+        `lookup`, forwards without model drafts may check prompt-lookup drafts: D of them (max_drafts when D = 0),
+        or none where they do not pay."""
+        self.max_drafts, self.every_length = max_drafts, every_length
+        self.rows = 1  # sequences running together (set by the engine before each forward)
         self.model = Acceptance(max_drafts)  # the model's drafts
         self.looked_up = Acceptance(max_drafts)  # prompt-lookup drafts
-        self.free_forwards = self.lookup_found = 0.0  # forwards without model drafts; those that found lookup drafts
+        self.lookup_tries = self.lookup_found = 0.0  # forwards that looked drafts up; those that found some
         self.exploring = True  # drafting to learn the model's acceptance, whatever the rates say
         lengths = range(max_drafts + 1)
-        self.with_shape = {d: verify_shape(d, d, every_length) for d in lengths}
-        self.free_shape = {d: verify_shape(0, d, every_length) for d in lengths}
-        self.lookup_shape = {d: verify_shape(self.lookup_len(d), d, every_length) for d in lengths}
-        shapes = {*self.with_shape.values(), *self.free_shape.values(), *self.lookup_shape.values()}
-        self.cost = cost_of_shapes(shapes)
+        self.choices = [Choice(d, n) for d in lengths for n in ({0, d or max_drafts} if lookup else {0})]
+        self._shapes = {verify_shape(c.drafts, c.drafts, every_length) for c in self.choices} | \
+            {verify_shape(n, c.drafts, every_length) for c in self.choices for n in {0, c.lookup}}
+        self._cost_of_shapes, self._costs = cost_of_shapes, {}
+        self.cost_at(1)
 
-    def lookup_len(self, drafts: int) -> int:
-        """Prompt-lookup drafts checked by a forward without model drafts when the draft length is `drafts`."""
-        return drafts if drafts else self.max_drafts
+    def cost_at(self, rows: int) -> dict[Shape, float]:
+        """Seconds of a forward of each shape with `rows` rows (rounded down to a power of two), measured once."""
+        bucket = 1 << (max(rows, 1).bit_length() - 1)
+        if bucket not in self._costs:
+            self._costs[bucket] = self._cost_of_shapes(self._shapes, bucket)
+        return self._costs[bucket]
 
-    def _free_forward(self, drafts: int) -> tuple[float, float, float]:
-        """(tokens, seconds, chance of having model drafts after it) of a forward without model drafts."""
-        found = (self.lookup_found + 0.5) / (self.free_forwards + 1.0) if self.lookup else 0.0
-        tokens, all_accepted = self.looked_up.expected(self.lookup_len(drafts))
-        seconds = (1 - found) * self.cost[self.free_shape[drafts]] + found * self.cost[self.lookup_shape[drafts]]
+    def _free_forward(self, choice: Choice, cost: dict[Shape, float]) -> tuple[float, float, float]:
+        """(tokens, seconds, chance of having model drafts after it) of a forward without model drafts. A batch's
+        forward is as wide as its widest row: it checks lookup drafts if any of its rows found some."""
+        found = (self.lookup_found + 0.5) / (self.lookup_tries + 1.0) if choice.lookup else 0.0
+        any_found = 1 - (1 - found) ** self.rows
+        tokens, all_accepted = self.looked_up.expected(choice.lookup)
+        seconds = (1 - any_found) * cost[verify_shape(0, choice.drafts, self.every_length)] + \
+            any_found * cost[verify_shape(choice.lookup, choice.drafts, self.every_length)]
         return 1 + found * (tokens - 1), seconds, (1 - found) + found * all_accepted
 
-    def rate(self, drafts: int) -> float:
-        """Expected tokens per second of one sequence decoding with this draft length (the two-state chain above)."""
-        free_tokens, free_seconds, to_drafts = self._free_forward(drafts)
-        if drafts == 0:
+    def rate(self, choice: Choice) -> float:
+        """Expected tokens per second of one sequence decoding with this choice (the two-state chain above; in a
+        batch every row's forward costs what the widest row's does, one with drafts)."""
+        cost = self.cost_at(self.rows)
+        free_tokens, free_seconds, to_drafts = self._free_forward(choice, cost)
+        if choice.drafts == 0:
             return free_tokens / free_seconds
-        tokens, kept = self.model.expected(drafts)
+        tokens, kept = self.model.expected(choice.drafts)
+        with_seconds = cost[verify_shape(choice.drafts, choice.drafts, self.every_length)]
+        if self.rows > 1:
+            free_seconds = with_seconds
         free_per_with = 0.0 if self.every_length else (1 - kept) / max(to_drafts, 1e-9)
-        return (tokens + free_per_with * free_tokens) / (self.cost[self.with_shape[drafts]] +
-                                                        free_per_with * free_seconds)
+        return (tokens + free_per_with * free_tokens) / (with_seconds + free_per_with * free_seconds)
 
-    def choose(self) -> int:
+    def choose(self) -> Choice:
         evidence = self.model.offered[0]
         if evidence < MIN_EVIDENCE:
             self.exploring = True
         elif evidence >= 2 * MIN_EVIDENCE:
             self.exploring = False
-        return max(range(1 if self.exploring else 0, self.max_drafts + 1), key=self.rate)
+        return max((c for c in self.choices if c.drafts or not self.exploring), key=self.rate)
 
-    def record(self, checked: int, accepted: int, model_drafts: bool, plain: bool = False) -> None:
+    def record(self, checked: int, accepted: int, model_drafts: bool, looked_up: bool = False,
+               plain: bool = False) -> None:
         """One forward checked `checked` drafts (the model's, or else prompt lookup's, if any) and accepted the
-        first `accepted` of them; `plain`: it ran at draft length 0."""
+        first `accepted` of them; `looked_up`: it looked for lookup drafts; `plain`: it ran at draft length 0."""
         if model_drafts:
             self.model.decay()
             self.model.add(checked, accepted)
             return
         if plain:
             self.model.decay(PLAIN_FADE)
-        self.looked_up.decay()
-        self.free_forwards, self.lookup_found = self.free_forwards * DECAY, self.lookup_found * DECAY
-        self.free_forwards += 1
-        if checked:
-            self.lookup_found += 1
-            self.looked_up.add(checked, accepted)
-
+        if looked_up:
+            self.looked_up.decay()
+            self.lookup_tries, self.lookup_found = self.lookup_tries * DECAY, self.lookup_found * DECAY
+            self.lookup_tries += 1
+            if checked:
+                self.lookup_found += 1
+                self.looked_up.add(checked, accepted)

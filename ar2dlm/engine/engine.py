@@ -123,9 +123,9 @@ class Engine:
         if key not in self._choosers:
             self._choosers[key] = DraftLengthChooser(
                 max(1, self.dlm.config.block_size - 1), params.draft_every_length,
-                lambda shapes: shape_cost(self.dlm, sorted(shapes), context=COST_CONTEXT, repeats=3,
-                                          linear_kernel=self.runner.linear_kernel,
-                                          fused=self.runner.fused is not None),
+                lambda shapes, rows: shape_cost(self.dlm, sorted(shapes), context=COST_CONTEXT, repeats=3,
+                                                linear_kernel=self.runner.linear_kernel,
+                                                fused=self.runner.fused is not None, rows=rows),
                 lookup=params.lookup_drafts)
         return self._choosers[key]
 
@@ -158,6 +158,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward, commit, retire. Returns an output for every request that took part."""
         self.scheduler.admit()
+        for chooser in self._choosers.values():  # draft lengths are chosen for the batch that runs
+            chooser.rows = len(self.scheduler.running)
         fwd = self.scheduler.schedule()
         if fwd is None:
             return []

@@ -37,8 +37,9 @@ class DecodeParams:
     steps_per_forward: int = field(default=2, metadata={"help": "tokens per forward of the steps policy"})
     draft_len: int | str | None = field(default=None, metadata={
         "words": ("auto",),
-        "help": "verify: drafts checked per forward (default: the model's block size - 1); auto: chosen every "
-                "forward from this machine's measured forward cost per width and the acceptance seen so far"})
+        "help": "verify: drafts checked per forward (default: auto on a gated drafter decoded with its default "
+                "policy, else the model's block size - 1); auto: chosen every forward (0 = a plain forward) from "
+                "this machine's measured forward costs and the acceptance seen so far"})
     draft_every_length: bool = field(default=False, metadata={
         "help": "verify: draft for every acceptance length in the same forward (TiDAR), so the forward after a "
                 "rejected draft has drafts too; feeds (drafts + 1)^2 mask positions instead of drafts + 1"})
@@ -270,10 +271,11 @@ def policy_was_given(args: argparse.Namespace) -> bool:
 
 def for_model(params: DecodeParams, dlm, policy_given: bool) -> DecodeParams:
     """The decoding parameters a model gets by default: a gated drafter decodes with its lossless `verify`, with
-    prompt-lookup drafts where it has none, unless a policy was asked for (it is the parent, exactly); any other
-    model keeps `params`."""
+    prompt-lookup drafts where it has none and the draft length chosen for this machine (`auto`, unless one was
+    given), unless a policy was asked for (it is the parent, exactly); any other model keeps `params`."""
     if getattr(dlm.config, "drafter", False) and not policy_given:
-        return params.replace(policy="verify", block_parallel=False, lookup_drafts=True)
+        draft_len = AUTO if params.draft_len is None else params.draft_len
+        return params.replace(policy="verify", block_parallel=False, lookup_drafts=True, draft_len=draft_len)
     return params
 
 

@@ -31,3 +31,14 @@ def test_forward_cost_is_per_width_without_masks():
     dlm = BlockDiffusionLM.from_base(tiny_model("llama", vocab_size=len(tok) + 1), tok, block_size=4).eval()
     costs = forward_cost(dlm, widths=(2, 5), context=8, repeats=1)
     assert list(costs) == [2, 5] and all(c > 0 for c in costs.values())
+
+
+def test_shape_cost_runs_rows_side_by_side():
+    tok = tiny_tokenizer()
+    dlm = BlockDiffusionLM.from_base(tiny_model("llama", vocab_size=len(tok) + 1), tok, block_size=4).eval()
+    fed = []
+    embed = dlm.embed
+    dlm.embed = lambda ids: fed.append(tuple(ids.shape)) or embed(ids)
+    costs = shape_cost(dlm, [(3, 1)], context=10, repeats=1, rows=4)
+    assert list(costs) == [(3, 1)] and costs[(3, 1)] > 0
+    assert fed == [(4, 10), (4, 3), (4, 3)]  # the context of every row, then warm-up + repeat, all rows at once

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.draft_length import DraftLengthChooser, verify_shape, verify_width
+from ar2dlm.engine.draft_length import Choice, DraftLengthChooser, verify_shape, verify_width
 from ar2dlm.engine.params import add_decode_args, decode_params_from_args
 from ar2dlm.engine.test_verify import PROMPTS, _hf_greedy, _random_adapter_drafter, parent_and_dlm, tok  # noqa: F401
 from ar2dlm.errors import Ar2dlmError
@@ -27,15 +27,16 @@ def _chooser(costs, every_length=False, max_drafts=3, lookup=False):
     """A chooser over a cost function of (width, masks); checks it asks for every shape it needs, once."""
     seen = []
 
-    def cost(shapes):
+    def cost(shapes, rows):
+        assert rows == 1
         seen.append(set(shapes))
         return {shape: costs(*shape) for shape in shapes}
 
     chooser = DraftLengthChooser(max_drafts, every_length, cost, lookup)
     lengths = range(max_drafts + 1)
-    lookup_len = [max_drafts, *range(1, max_drafts + 1)]
+    looked_up = {verify_shape(d or max_drafts, d, every_length) for d in lengths} if lookup else set()
     assert seen == [{verify_shape(d, d, every_length) for d in lengths} | {verify_shape(0, d, every_length)
-                    for d in lengths} | {verify_shape(lookup_len[d], d, every_length) for d in lengths}]
+                    for d in lengths} | looked_up]
     return chooser
 
 
@@ -48,21 +49,21 @@ def _steep(width, masks):  # a CPU: a forward of 8 positions costs 1.7x one of 1
 
 
 def test_flat_cost_drafts_as_far_as_it_can():
-    assert _chooser(_flat).choose() == 3
-    assert _chooser(_flat, every_length=True).choose() == 3
+    assert _chooser(_flat).choose().drafts == 3
+    assert _chooser(_flat, every_length=True).choose().drafts == 3
 
 
 def test_steep_cost_drafts_only_when_acceptance_pays_and_else_runs_plain_forwards():
     steep = _chooser(_steep)
-    assert steep.choose() >= 1  # no evidence on the drafts yet: try them
+    assert steep.choose().drafts >= 1  # no evidence on the drafts yet: try them
     for _ in range(50):  # drafts never accepted: plain forwards are fastest
         steep.record(checked=3, accepted=0, model_drafts=True)
         steep.record(checked=0, accepted=0, model_drafts=False)  # the forward after a rejection has no drafts
-    assert steep.model.rates()[0] < 0.05 and steep.choose() == 0
-    assert steep.rate(0) == pytest.approx(1.0)
+    assert steep.model.rates()[0] < 0.05 and steep.choose().drafts == 0
+    assert steep.rate(Choice(0, 0)) == pytest.approx(1.0)
     for _ in range(500):  # then always accepted (the old forwards fade): T(3) = 4 tokens for 1.7x the cost
         steep.record(checked=3, accepted=3, model_drafts=True)
-    assert steep.model.expected(3)[0] == pytest.approx(4.0, abs=0.15) and steep.choose() == 3
+    assert steep.model.expected(3)[0] == pytest.approx(4.0, abs=0.15) and steep.choose().drafts == 3
 
 
 def test_two_states_a_rejection_costs_a_forward_without_drafts():
@@ -77,8 +78,8 @@ def test_two_states_a_rejection_costs_a_forward_without_drafts():
     assert tokens == pytest.approx(2.5, abs=0.05) and kept == pytest.approx(0.5, abs=0.05)
     with_drafts, free = 1.0 + 0.05 * 7, 1.0 + 0.05 * 4  # widths 8 and 5
     expected = (tokens + (1 - kept) * 1.0) / (with_drafts + (1 - kept) * free)
-    assert chooser.rate(3) == pytest.approx(expected)
-    assert chooser.rate(3) < tokens / with_drafts
+    assert chooser.rate(Choice(3, 0)) == pytest.approx(expected)
+    assert chooser.rate(Choice(3, 0)) < tokens / with_drafts
 
 
 def test_drafts_of_every_length_never_lose_their_drafts():
@@ -86,34 +87,65 @@ def test_drafts_of_every_length_never_lose_their_drafts():
     for _ in range(400):
         chooser.record(checked=3, accepted=0, model_drafts=True)
         chooser.record(checked=3, accepted=3, model_drafts=True)
-    assert chooser.rate(3) == pytest.approx(chooser.model.expected(3)[0])
+    assert chooser.rate(Choice(3, 0)) == pytest.approx(chooser.model.expected(3)[0])
 
 
 def test_lookup_statistics_price_the_forwards_without_model_drafts():
     chooser = _chooser(_steep, lookup=True)
     for _ in range(300):  # lookup always finds drafts and all are accepted; the model's never are
         chooser.record(checked=3, accepted=0, model_drafts=True)
-        chooser.record(checked=3, accepted=3, model_drafts=False)
-    assert chooser.lookup_found / chooser.free_forwards == pytest.approx(1.0)
-    assert chooser.choose() == 0  # plain forwards checking 3 lookup drafts: ~4 tokens for the cost of width 4
-    assert chooser.rate(0) == pytest.approx(4.0 / _steep(4, 0), rel=0.1)  # the prior still counts a little
+        chooser.record(checked=3, accepted=3, model_drafts=False, looked_up=True)
+    assert chooser.lookup_found / chooser.lookup_tries == pytest.approx(1.0)
+    assert chooser.choose() == Choice(0, 3)  # plain forwards checking 3 lookup drafts: ~4 tokens for width 4's cost
+    assert chooser.rate(Choice(0, 3)) == pytest.approx(4.0 / _steep(4, 0), rel=0.1)  # the prior still counts a bit
+    for _ in range(300):  # now lookup finds drafts but they are always wrong: forwards without it are cheaper
+        chooser.record(checked=3, accepted=0, model_drafts=False, looked_up=True)
+    assert chooser.choose() == Choice(0, 0)
+    found = chooser.lookup_found
+    chooser.record(checked=0, accepted=0, model_drafts=False, looked_up=False, plain=True)
+    assert chooser.lookup_found == found  # a forward that did not look teaches nothing about lookup
 
 
 def test_plain_forwards_fade_the_evidence_until_drafts_are_tried_again():
     chooser = _chooser(_steep)
     for _ in range(100):  # ~43 forwards' worth of evidence (the older ones decayed)
         chooser.record(checked=3, accepted=0, model_drafts=True)
-    assert chooser.choose() == 0
+    assert chooser.choose().drafts == 0
     plain = 0
-    while chooser.choose() == 0:
+    while chooser.choose().drafts == 0:
         chooser.record(checked=0, accepted=0, model_drafts=False, plain=True)
         plain += 1
-    assert 250 < plain < 450  # faded to MIN_EVIDENCE forwards' worth: try the drafts again
+    assert 550 < plain < 900  # faded to MIN_EVIDENCE forwards' worth: try the drafts again
     tries = 0
-    while chooser.choose() > 0:  # until twice MIN_EVIDENCE, even though they are still wrong
-        chooser.record(checked=chooser.choose(), accepted=0, model_drafts=True)
+    while chooser.choose().drafts > 0:  # until twice MIN_EVIDENCE, even though they are still wrong
+        chooser.record(checked=chooser.choose().drafts, accepted=0, model_drafts=True)
         tries += 1
-    assert 5 < tries < 15
+    assert 3 < tries < 10
+
+
+def test_a_batch_prices_its_rows_together():
+    """On a CPU a forward's cost grows with all the positions of its rows: drafts that pay for one sequence do not
+    for eight, whose forward is padded to the widest row's. Each batch-size bucket is measured once, when first run."""
+    asked = []
+
+    def cost(shapes, rows):
+        asked.append(rows)
+        return {(width, masks): 1.0 + 0.1 * (rows * width - 1) for width, masks in shapes}
+
+    chooser = DraftLengthChooser(3, False, cost)
+    for _ in range(100):  # the first draft right 70% of the time, the later ones 50%
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        chooser.record(checked=3, accepted=0, model_drafts=True)
+        for accepted in (1, 1, 1, 1, 2, 2, 3):
+            chooser.record(checked=3, accepted=accepted, model_drafts=True)
+    assert chooser.choose().drafts >= 1
+    chooser.rows = 8
+    assert chooser.choose().drafts == 0
+    chooser.rows = 11  # the bucket of 8, already measured
+    assert chooser.choose().drafts == 0 and asked == [1, 8]
+    chooser.rows = 1
+    assert chooser.choose().drafts >= 1 and asked == [1, 8]
 
 
 def test_record_counts_drafts_reached_only():
@@ -123,8 +155,8 @@ def test_record_counts_drafts_reached_only():
     chooser.record(checked=1, accepted=1, model_drafts=True)  # the earlier forward now counts 0.98
     assert chooser.model.offered == pytest.approx([1.98, 0.98, 0])
     assert chooser.model.accepted == pytest.approx([1.98, 0, 0])
-    chooser.record(checked=2, accepted=0, model_drafts=False)  # lookup drafts: their own counts
-    assert chooser.looked_up.offered == [1, 0, 0] and chooser.free_forwards == chooser.lookup_found == 1
+    chooser.record(checked=2, accepted=0, model_drafts=False, looked_up=True)  # lookup drafts: their own counts
+    assert chooser.looked_up.offered == [1, 0, 0] and chooser.lookup_tries == chooser.lookup_found == 1
 
 
 def test_auto_is_a_draft_len_everywhere():
@@ -153,7 +185,7 @@ def test_engine_auto_chooses_per_forward_and_keeps_the_output(tok, parent_and_dl
     results = engine.generate_batch(PROMPTS, params)
     assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 14) for p in PROMPTS]
     chooser = engine._choosers[(every_length, False)]
-    assert sum(chooser.model.offered) > 0 and (1, 0) in chooser.cost
+    assert sum(chooser.model.offered) > 0 and (1, 0) in chooser.cost_at(1)
 
 
 @pytest.mark.parametrize("lookup", [False, True])
@@ -162,16 +194,32 @@ def test_engine_turns_to_plain_forwards_where_drafts_do_not_pay(tok, parent_and_
     runs forwards of one position (plus lookup drafts), and the output stays the AR model's."""
     parent, _ = parent_and_dlm
     engine = Engine(_random_adapter_drafter(tok, scale=3.0), tok, max_running=1)
-    engine._choosers[(False, lookup)] = DraftLengthChooser(3, False, lambda shapes: {s: _steep(*s) for s in shapes},
-                                                           lookup)
+    engine._choosers[(False, lookup)] = DraftLengthChooser(
+        3, False, lambda shapes, rows: {s: _steep(*s) for s in shapes}, lookup)
     forwards = record_forwards(engine.runner)
     params = DecodeParams(policy="verify", draft_len="auto", max_new_tokens=80, stop_token_ids=(),
                           lookup_drafts=lookup)
     prompt = PROMPTS[0]
     assert engine.generate_batch([prompt], params)[0].tokens == _hf_greedy(parent, tok(prompt)["input_ids"], 80)
     chooser = engine._choosers[(False, lookup)]
-    assert chooser.model.rates()[0] < 0.3 and chooser.choose() == 0
+    assert chooser.model.rates()[0] < 0.3 and chooser.choose().drafts == 0
     widths = [fed for _, fed, _ in forwards[1:]]  # after the prompt's forward
     widest_plain = 1 + (3 if lookup else 0)
     assert widths[-10:] and all(w <= widest_plain for w in widths[-10:])
     assert any(w > widest_plain for w in widths)  # the drafts were tried first
+
+
+def test_engine_chooses_for_the_batch_it_runs(tok, parent_and_dlm):  # noqa: F811
+    parent, _ = parent_and_dlm
+    engine = Engine(_random_adapter_drafter(tok), tok, max_running=4)
+    asked = []
+
+    def cost(shapes, rows):
+        asked.append(rows)
+        return {(width, masks): 1.0 + 0.1 * (rows * width - 1) for width, masks in shapes}
+
+    engine._choosers[(False, False)] = DraftLengthChooser(3, False, cost)
+    params = DecodeParams(policy="verify", draft_len="auto", max_new_tokens=12, stop_token_ids=())
+    results = engine.generate_batch(PROMPTS, params)
+    assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 12) for p in PROMPTS]
+    assert asked[0] == 1 and 4 in asked  # measured at batch 1 when made, then for the 4 rows running

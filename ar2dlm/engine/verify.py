@@ -63,6 +63,7 @@ class VerifyState:
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), V] distributions the drafts were sampled from
         self.lookup = lookup
         self.looked_up = False  # the current drafts come from prompt lookup, not the model
+        self._looked_for = False  # this forward looked for lookup drafts
         self.cached = 0
         self.nfe = 0
         self.accepted_drafts = 0  # drafts accepted over the whole sequence (for acceptance statistics)
@@ -94,13 +95,14 @@ class VerifyState:
     def plan(self) -> Plan:
         """Feed [uncached committed | drafts | mask blocks]; read the logits of every clean position from the last
         committed token on, and of the mask positions that draft a position before the length limit."""
+        lookup_len = self.draft_len if self.lookup else 0
         if self.chooser is not None:
-            self.draft_len = self.chooser.choose()
+            self.draft_len, lookup_len = self.chooser.choose()
             if self.draft_len == 0:  # a plain forward: no mask block, and the model's drafts are not checked
                 self.drafts, self.draft_probs = [], None
-        if self.lookup and not self.drafts:
-            length = self.chooser.lookup_len(self.draft_len) if self.chooser is not None else self.draft_len
-            self.drafts, self.draft_probs = lookup_drafts(self.toks, length), None
+        self._looked_for = lookup_len > 0 and not self.drafts
+        if self._looked_for:
+            self.drafts, self.draft_probs = lookup_drafts(self.toks, lookup_len), None
             self.looked_up = bool(self.drafts)
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
@@ -140,7 +142,7 @@ class VerifyState:
         self.accepted_drafts += accepted
         if self.chooser is not None:
             self.chooser.record(len(drafts), accepted, model_drafts=bool(drafts) and not self.looked_up,
-                                plain=self.draft_len == 0)
+                                looked_up=self._looked_for, plain=self.draft_len == 0)
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
         self.drafts, self.draft_probs, self.looked_up = [], None, False

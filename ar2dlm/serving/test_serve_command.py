@@ -40,8 +40,10 @@ def test_a_drafter_serves_verify_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("AR2DLM_API_KEY", raising=False)
     drafter, plain = (SimpleNamespace(config=SimpleNamespace(drafter=d)) for d in (True, False))
     recipe, cfg = _config("--model", "runs/r1/model", "--tau", "0.7")
-    assert recipe.server_defaults(cfg, drafter).policy == "verify"
+    assert recipe.server_defaults(cfg, drafter).label == "verify:auto+lookup"  # the draft length for this machine
     assert recipe.server_defaults(cfg, plain).label == "threshold:0.7"
+    recipe, cfg = _config("--model", "m", "--draft-len", "2")
+    assert recipe.server_defaults(cfg, drafter).label == "verify:2+lookup"
     recipe, cfg = _config("--model", "m", "--policy", "entropy")
     assert recipe.server_defaults(cfg, drafter).policy == "entropy"
     assert _config("--model", "runs/r1/model")[1].settings(cfg.decode).model_name == "r1"
