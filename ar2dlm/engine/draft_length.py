@@ -95,7 +95,8 @@ class DraftLengthChooser:
         `lookup`, forwards without model drafts may check prompt-lookup drafts: D of them (max_drafts when D = 0),
         or none where they do not pay."""
         self.max_drafts, self.every_length = max_drafts, every_length
-        self.rows = 1  # sequences running together (set by the engine before each forward)
+        self._rows = 1
+        self._choice: Choice | None = None  # the choice until the next record or batch change (same for every row)
         self.model = Acceptance(max_drafts)  # the model's drafts
         self.looked_up = Acceptance(max_drafts)  # prompt-lookup drafts
         self.lookup_tries = self.lookup_found = 0.0  # forwards that looked drafts up; those that found some
@@ -106,6 +107,16 @@ class DraftLengthChooser:
             {verify_shape(n, c.drafts, every_length) for c in self.choices for n in {0, c.lookup}}
         self._cost_of_shapes, self._costs = cost_of_shapes, {}
         self.cost_at(1)
+
+    @property
+    def rows(self) -> int:
+        """Sequences running together (set by the engine before each forward)."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: int) -> None:
+        if rows != self._rows:
+            self._rows, self._choice = max(rows, 1), None
 
     def cost_at(self, rows: int) -> dict[Shape, float]:
         """Seconds of a forward of each shape with `rows` rows (rounded down to a power of two), measured once."""
@@ -139,23 +150,29 @@ class DraftLengthChooser:
         return (tokens + free_per_with * free_tokens) / (with_seconds + free_per_with * free_seconds)
 
     def choose(self) -> Choice:
-        evidence = self.model.offered[0]
-        if evidence < MIN_EVIDENCE:
-            self.exploring = True
-        elif evidence >= 2 * MIN_EVIDENCE:
-            self.exploring = False
-        return max((c for c in self.choices if c.drafts or not self.exploring), key=self.rate)
+        if self._choice is None:
+            evidence = self.model.offered[0]
+            if evidence < MIN_EVIDENCE:
+                self.exploring = True
+            elif evidence >= 2 * MIN_EVIDENCE:
+                self.exploring = False
+            # exploring drafts without lookup: a forward with partly accepted lookup drafts yields no model drafts
+            # (its mask block assumed them all), so lookup could starve the evidence exploring waits for
+            allowed = [c for c in self.choices if not self.exploring or (c.drafts and not c.lookup)]
+            self._choice = max(allowed, key=self.rate)
+        return self._choice
 
     def record(self, checked: int, accepted: int, model_drafts: bool, looked_up: bool = False,
                plain: bool = False) -> None:
         """One forward checked `checked` drafts (the model's, or else prompt lookup's, if any) and accepted the
         first `accepted` of them; `looked_up`: it looked for lookup drafts; `plain`: it ran at draft length 0."""
+        self._choice = None
         if model_drafts:
             self.model.decay()
             self.model.add(checked, accepted)
             return
-        if plain:
-            self.model.decay(PLAIN_FADE)
+        if plain:  # per forward of the batch, not per row: a batch of 16 should not retry drafts 16 times sooner
+            self.model.decay(PLAIN_FADE ** (1 / self.rows))
         if looked_up:
             self.looked_up.decay()
             self.lookup_tries, self.lookup_found = self.lookup_tries * DECAY, self.lookup_found * DECAY

@@ -12,7 +12,10 @@ kind starves the other. A prefill forward takes new requests in arrival order wh
 longest fed range) stays within `max_fed_tokens` (always at least one request).
 
 A request's tokens and NFE depend only on its own forwards, so a request decodes the same tokens whatever runs
-beside it and whenever it joins (greedy; with sampling, its own seeded generator gives the same draws).
+beside it and whenever it joins (greedy; with sampling, its own seeded generator gives the same draws). One exception:
+`verify` with `draft_len` auto chooses its draft lengths from the engine's shared acceptance statistics and the batch
+size, so its NFE, and under sampling which sample a seed gives (always from the AR model's distribution), depend on
+what ran before and beside it; its greedy tokens do not. Fix the draft length for reproducible seeded samples.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.draft_length import Choice, DraftLengthChooser, verify_shape, verify_width
+from ar2dlm.engine.draft_length import MIN_EVIDENCE, Choice, DraftLengthChooser, verify_shape, verify_width
+from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.params import add_decode_args, decode_params_from_args
 from ar2dlm.engine.test_verify import PROMPTS, _hf_greedy, _random_adapter_drafter, parent_and_dlm, tok  # noqa: F401
 from ar2dlm.errors import Ar2dlmError
@@ -106,21 +107,52 @@ def test_lookup_statistics_price_the_forwards_without_model_drafts():
     assert chooser.lookup_found == found  # a forward that did not look teaches nothing about lookup
 
 
+def _plain_records_until_retry(chooser) -> int:
+    plain = 0
+    while chooser.choose().drafts == 0:
+        chooser.record(checked=0, accepted=0, model_drafts=False, plain=True)
+        plain += 1
+    return plain
+
+
 def test_plain_forwards_fade_the_evidence_until_drafts_are_tried_again():
     chooser = _chooser(_steep)
     for _ in range(100):  # ~43 forwards' worth of evidence (the older ones decayed)
         chooser.record(checked=3, accepted=0, model_drafts=True)
     assert chooser.choose().drafts == 0
-    plain = 0
-    while chooser.choose().drafts == 0:
-        chooser.record(checked=0, accepted=0, model_drafts=False, plain=True)
-        plain += 1
+    plain = _plain_records_until_retry(chooser)
     assert 550 < plain < 900  # faded to MIN_EVIDENCE forwards' worth: try the drafts again
     tries = 0
     while chooser.choose().drafts > 0:  # until twice MIN_EVIDENCE, even though they are still wrong
         chooser.record(checked=chooser.choose().drafts, accepted=0, model_drafts=True)
         tries += 1
     assert 3 < tries < 10
+
+
+def test_a_batch_fades_per_forward_not_per_row():
+    single, batch = _chooser(_flat), _chooser(_flat)
+    for chooser in (single, batch):
+        for _ in range(100):
+            chooser.record(checked=3, accepted=0, model_drafts=True)
+    single.rate = batch.rate = lambda choice: -choice.drafts  # plain forwards win whatever the costs
+    batch.rows = 4  # each forward records one plain forward per row
+    assert _plain_records_until_retry(batch) == pytest.approx(4 * _plain_records_until_retry(single), abs=4)
+
+
+def test_exploring_drafts_without_lookup():
+    """A forward whose lookup drafts are partly accepted leaves no model drafts, so exploring with lookup could wait
+    forever for the evidence it needs."""
+    chooser = _chooser(_steep, lookup=True)
+    for _ in range(3000):
+        choice = chooser.choose()
+        assert choice.drafts == 0 or choice.lookup == 0 or not chooser.exploring
+        if choice.drafts and not choice.lookup:  # the fresh forward drafts; the next one checks them: all wrong
+            chooser.record(checked=0, accepted=0, model_drafts=False)
+            chooser.record(checked=choice.drafts, accepted=0, model_drafts=True)
+        else:  # lookup finds 2 drafts, the first one right
+            chooser.record(checked=2, accepted=1, model_drafts=False, looked_up=True, plain=choice.drafts == 0)
+    assert chooser.model.offered[0] >= MIN_EVIDENCE or chooser.exploring
+    assert chooser.choose() == Choice(0, 3)
 
 
 def test_a_batch_prices_its_rows_together():
@@ -206,7 +238,7 @@ def test_engine_turns_to_plain_forwards_where_drafts_do_not_pay(tok, parent_and_
     widths = [fed for _, fed, _ in forwards[1:]]  # after the prompt's forward
     widest_plain = 1 + (3 if lookup else 0)
     assert widths[-10:] and all(w <= widest_plain for w in widths[-10:])
-    assert any(w > widest_plain for w in widths)  # the drafts were tried first
+    assert chooser.model.offered[0] > 0 and max(widths) > 1  # the drafts were tried first
 
 
 def test_engine_chooses_for_the_batch_it_runs(tok, parent_and_dlm):  # noqa: F811
@@ -223,3 +255,33 @@ def test_engine_chooses_for_the_batch_it_runs(tok, parent_and_dlm):  # noqa: F81
     results = engine.generate_batch(PROMPTS, params)
     assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 12) for p in PROMPTS]
     assert asked[0] == 1 and 4 in asked  # measured at batch 1 when made, then for the 4 rows running
+
+
+def test_a_lookup_of_a_plan_that_never_ran_is_looked_up_again_and_recorded(tok):  # noqa: F811
+    """The scheduler plans new requests to size the prefill group and then plans the chosen ones again: the lookup
+    drafts of the first plan must not hide the second one's lookup from the statistics."""
+    engine = Engine(_random_adapter_drafter(tok), tok, max_running=1)
+    chooser = engine._choosers[(False, True)] = DraftLengthChooser(3, False, lambda shapes, rows: {
+        s: 1.0 for s in shapes}, lookup=True)
+    chooser.model.offered[0] = chooser.model.accepted[0] = 4 * MIN_EVIDENCE  # not exploring: lookup is allowed
+    records = []
+    chooser.record = lambda *args, **kwargs: records.append((args, kwargs))
+    chooser.choose = lambda: Choice(2, 2)
+    ids = tok("a b c a b c a b c a b")["input_ids"]
+    assert lookup_drafts(ids, 2)  # the prompt's last tokens occurred before
+    engine.generate(ids, DecodeParams(policy="verify", draft_len="auto", max_new_tokens=4, stop_token_ids=(),
+                                      lookup_drafts=True))
+    (checked, _), flags = records[0]
+    assert checked == 2 and flags["looked_up"] and not flags["model_drafts"]
+
+
+@pytest.mark.parametrize("draft_len", [3, "auto"])
+def test_sampled_lookup_drafts_cut_by_the_length_limit(tok, parent_and_dlm, draft_len):  # noqa: F811
+    """Lookup finds drafts but the length limit leaves none to check: a plain sampled forward, no one-hot of an
+    empty draft list."""
+    ids = tok("a b c a b c a b c a b")["input_ids"]
+    for n in (1, 2, 3):
+        result = Engine(_random_adapter_drafter(tok), tok).generate(ids, DecodeParams(
+            policy="verify", draft_len=draft_len, max_new_tokens=n, stop_token_ids=(), lookup_drafts=True,
+            temperature=0.7, seed=0))
+        assert len(result.tokens) == n

@@ -95,6 +95,8 @@ class VerifyState:
     def plan(self) -> Plan:
         """Feed [uncached committed | drafts | mask blocks]; read the logits of every clean position from the last
         committed token on, and of the mask positions that draft a position before the length limit."""
+        if self.looked_up:  # lookup drafts of a plan that never ran (a scheduler may plan a request and leave it
+            self.drafts, self.draft_probs, self.looked_up = [], None, False  # out of the forward): look again
         lookup_len = self.draft_len if self.lookup else 0
         if self.chooser is not None:
             self.draft_len, lookup_len = self.chooser.choose()
@@ -134,7 +136,7 @@ class VerifyState:
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
-        if self.looked_up and not sampling.greedy:  # a deterministic proposal: q is one-hot at each draft
+        if self.looked_up and drafts and not sampling.greedy:  # a deterministic proposal: q is one-hot at each draft
             q = torch.nn.functional.one_hot(torch.tensor(drafts, device=logits.device), logits.shape[-1])
             q = q.to(logits.dtype)
         accepted, token = policy.accept(drafts, q, logits[:len(drafts) + 1], sampling, generator)
