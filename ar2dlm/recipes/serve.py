@@ -85,10 +85,12 @@ def build_app(cfg: ServeConfig):
     from ar2dlm.engine import Engine
     from ar2dlm.model.open import open_for_decoding
     from ar2dlm.serving.app import create_app
+    from ar2dlm.serving.worker import EngineThread
 
-    dlm, tokenizer, _ = open_for_decoding(cfg.model)
-    engine = Engine(dlm, tokenizer, max_running=cfg.max_running)
-    return create_app(engine, cfg.settings(server_defaults(cfg, dlm)))
+    thread = EngineThread()  # the model is opened on the thread that will decode with it (see EngineThread)
+    dlm, tokenizer, _ = thread.call(lambda: open_for_decoding(cfg.model))
+    engine = thread.call(lambda: Engine(dlm, tokenizer, max_running=cfg.max_running))
+    return create_app(engine, cfg.settings(server_defaults(cfg, dlm)), thread)
 
 
 def run(cfg: ServeConfig) -> int:

@@ -26,14 +26,15 @@ from ar2dlm.serving.guard import Guard
 from ar2dlm.serving.metrics import CONTENT_TYPE, ServerMetrics
 from ar2dlm.serving.schemas import ModelFacts, parse_chat, parse_completion
 from ar2dlm.serving.settings import ServeSettings
-from ar2dlm.serving.worker import EngineWorker
+from ar2dlm.serving.worker import EngineThread, EngineWorker
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+def create_app(engine: Engine, settings: ServeSettings, engine_thread: EngineThread | None = None) -> FastAPI:
+    """The app around `engine`; `engine_thread`: the thread that built it, where its loop then runs (worker.py)."""
     metrics = ServerMetrics()
-    worker = EngineWorker(engine, settings.max_waiting, metrics)
+    worker = EngineWorker(engine, settings.max_waiting, metrics, engine_thread)
     model = ModelFacts(engine.tokenizer, engine.context, _vocab_size(engine))
 
     @contextlib.asynccontextmanager

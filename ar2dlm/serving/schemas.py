@@ -150,6 +150,9 @@ def decode_params(body: dict, defaults: DecodeParams, max_new: int) -> DecodePar
     return _with_ar2dlm_fields(field(body, "ar2dlm", "object", {}), base)
 
 
+VERIFY_SETTINGS = ("draft_len", "draft_every_length", "lookup_drafts")
+
+
 def _with_ar2dlm_fields(extra: dict, base: dict) -> DecodeParams:
     for key in extra:
         if key in _OPENAI_NAME:
@@ -157,6 +160,9 @@ def _with_ar2dlm_fields(extra: dict, base: dict) -> DecodeParams:
                           param=f"ar2dlm.{key}")
     if extra.get("policy") in ("ar", "verify") and "block_parallel" not in extra:
         base["block_parallel"] = False  # the server's multi-block default does not apply to one-token policies
+    if extra.get("policy", "verify") != "verify":  # nor a drafter's verify settings to a request for another policy
+        plain = DecodeParams()
+        base.update({key: getattr(plain, key) for key in VERIFY_SETTINGS if key not in extra})
     try:
         params = DecodeParams.from_mapping(extra, **base)
     except (Ar2dlmError, TypeError, ValueError) as e:  # the last two: a value a constructor refused

@@ -97,3 +97,18 @@ def test_the_command_serves_survives_sigkill_and_restarts(tiny_dlm_folder):
             process.wait(30)
             process.stderr.close()
     assert answers[0] == answers[1]
+
+
+def test_a_request_for_another_policy_drops_the_drafters_verify_settings(monkeypatch):
+    from ar2dlm.serving.schemas import decode_params
+
+    monkeypatch.delenv("AR2DLM_API_KEY", raising=False)
+    drafter = SimpleNamespace(config=SimpleNamespace(drafter=True))
+    recipe, cfg = _config("--model", "m")
+    defaults = recipe.server_defaults(cfg, drafter)
+    assert defaults.label == "verify:auto+lookup"
+    for policy in ("ar", "threshold"):
+        params = decode_params({"ar2dlm": {"policy": policy}}, defaults, 8)
+        assert params.policy == policy and not params.lookup_drafts and params.draft_len is None
+    assert decode_params({"ar2dlm": {"draft_len": 2}}, defaults, 8).label == "verify:2+lookup"
+    assert decode_params({}, defaults, 8).label == "verify:auto+lookup"
