@@ -115,8 +115,9 @@ class DraftLengthChooser:
 
     @rows.setter
     def rows(self, rows: int) -> None:
+        rows = max(rows, 1)
         if rows != self._rows:
-            self._rows, self._choice = max(rows, 1), None
+            self._rows, self._choice = rows, None
 
     def cost_at(self, rows: int) -> dict[Shape, float]:
         """Seconds of a forward of each shape with `rows` rows (rounded down to a power of two), measured once."""

@@ -19,8 +19,11 @@ def test_call_runs_on_the_thread_and_hands_back_results_and_errors():
     thread = EngineThread()
     assert thread.call(threading.current_thread) is thread.thread
     assert thread.call(lambda: 6 * 7) == 42
+    def fail():
+        raise ValueError("bad")
+
     with pytest.raises(ValueError, match="bad"):
-        thread.call(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        thread.call(fail)
     ran = threading.Event()
     thread.run_last(ran.set)
     thread.thread.join(10)

@@ -105,7 +105,7 @@ class EngineThread:
 
 class EngineWorker:
     def __init__(self, engine: Engine, max_waiting: int, metrics=None, thread: EngineThread | None = None):
-        """`thread`: the EngineThread that built `engine`, to run the loop on (else a thread of its own)."""
+        """`thread`: the EngineThread that built `engine`, to run the loop on (else a fresh one)."""
         self.engine, self.metrics = engine, metrics
         self._engine_thread = thread
         self.capacity = engine.max_running + max_waiting
@@ -144,12 +144,9 @@ class EngineWorker:
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self._engine_thread is not None:
-            self._engine_thread.run_last(self._run)
-            self._thread = self._engine_thread.thread
-            return
-        self._thread = threading.Thread(target=self._run, name="ar2dlm-engine", daemon=True)
-        self._thread.start()
+        engine_thread = self._engine_thread or EngineThread()
+        engine_thread.run_last(self._run)
+        self._thread = engine_thread.thread
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
