@@ -67,3 +67,23 @@ def shape_cost(dlm, shapes: Sequence[tuple[int, int]], context: int = 200, repea
             times.append(time.perf_counter() - t0)
         costs[(width, n_masks)] = statistics.median(times[1:])
     return costs
+
+
+@torch.no_grad()
+def drafter_cost(runner: ModelRunner, rows: int = 1, repeats: int = 5, seed: int = 0) -> float:
+    """Median seconds of one feature-drafter call (`ModelRunner.draft`) drafting a full block for `rows` sequences
+    with full context windows."""
+    dlm = runner.dlm
+    gen = torch.Generator().manual_seed(seed)
+    contexts = [torch.randn(runner.feature_window, dlm.feature_dim, generator=gen).to(dlm.device)] * rows
+    anchors = [0] * rows
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        if dlm.device.type == "cuda":
+            torch.cuda.synchronize(dlm.device)
+        t0 = time.perf_counter()
+        runner.draft(contexts, anchors, dlm.config.block_size - 1)
+        if dlm.device.type == "cuda":
+            torch.cuda.synchronize(dlm.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])

@@ -17,6 +17,11 @@ drafts), which wins on hardware where a wide forward costs much more than a narr
 wrong. On a GPU, where forwards of up to 32 positions cost about one position's, it drafts as far as the model was
 trained to.
 
+A feature drafter (drafter/feature.py) drafts after every forward in a call of its own, whatever was accepted: its
+forwards feed only the clean positions (no mask block), a sequence always has drafts (as with `every_length`), and
+a forward that drafts costs its width's forward plus one drafter call (`drafter_cost`, measured per batch-size
+bucket as well).
+
 The costs of the forward shapes involved are measured through the engine's own runner (`cost.shape_cost`), once per
 engine on the first request that asks for `auto`, and once more for each batch size (rounded down to a power of two)
 the engine runs at: in a batch the rows' positions add up, so on a CPU drafting pays less the more rows run, and
@@ -89,12 +94,16 @@ class Choice(NamedTuple):
 
 
 class DraftLengthChooser:
-    def __init__(self, max_drafts: int, every_length: bool, cost_of_shapes, lookup: bool = False):
+    def __init__(self, max_drafts: int, every_length: bool, cost_of_shapes, lookup: bool = False,
+                 drafter_cost=None):
         """`cost_of_shapes(shapes, rows)` returns {shape: seconds} for a set of (width, masks) shapes fed by `rows`
         sequences side by side; it is called once per batch-size bucket (1, 2, 4, 8, ...) the engine runs at. With
         `lookup`, forwards without model drafts may check prompt-lookup drafts: D of them (max_drafts when D = 0),
-        or none where they do not pay."""
-        self.max_drafts, self.every_length = max_drafts, every_length
+        or none where they do not pay. `drafter_cost(rows)`: seconds of a feature drafter's call for `rows`
+        sequences (None: the drafts come from the forward's own mask block)."""
+        self.max_drafts = max_drafts
+        self.every_length = every_length or drafter_cost is not None  # a feature drafter always leaves drafts
+        self._drafter_cost, self._drafter_costs = drafter_cost, {}
         self._rows = 1
         self._choice: Choice | None = None  # the choice until the next record or batch change (same for every row)
         self.model = Acceptance(max_drafts)  # the model's drafts
@@ -103,10 +112,26 @@ class DraftLengthChooser:
         self.exploring = True  # drafting to learn the model's acceptance, whatever the rates say
         lengths = range(max_drafts + 1)
         self.choices = [Choice(d, n) for d in lengths for n in ({0, d or max_drafts} if lookup else {0})]
-        self._shapes = {verify_shape(c.drafts, c.drafts, every_length) for c in self.choices} | \
-            {verify_shape(n, c.drafts, every_length) for c in self.choices for n in {0, c.lookup}}
+        self._shapes = {self.shape(c.drafts, c.drafts) for c in self.choices} | \
+            {self.shape(n, c.drafts) for c in self.choices for n in {0, c.lookup}}
         self._cost_of_shapes, self._costs = cost_of_shapes, {}
         self.cost_at(1)
+
+    def shape(self, checked: int, drafting: int) -> Shape:
+        """The (width, masks) shape of a forward checking `checked` drafts and drafting `drafting`."""
+        if self._drafter_cost is not None:
+            return checked + 1, 0
+        return verify_shape(checked, drafting, self.every_length)
+
+    def seconds(self, checked: int, drafting: int, cost: dict[Shape, float]) -> float:
+        """What such a forward costs: its shape, and a feature drafter's call when it drafts."""
+        seconds = cost[self.shape(checked, drafting)]
+        if self._drafter_cost is not None and drafting:
+            bucket = 1 << (max(self.rows, 1).bit_length() - 1)
+            if bucket not in self._drafter_costs:
+                self._drafter_costs[bucket] = self._drafter_cost(bucket)
+            seconds += self._drafter_costs[bucket]
+        return seconds
 
     @property
     def rows(self) -> int:
@@ -132,8 +157,8 @@ class DraftLengthChooser:
         found = (self.lookup_found + 0.5) / (self.lookup_tries + 1.0) if choice.lookup else 0.0
         any_found = 1 - (1 - found) ** self.rows
         tokens, all_accepted = self.looked_up.expected(choice.lookup)
-        seconds = (1 - any_found) * cost[verify_shape(0, choice.drafts, self.every_length)] + \
-            any_found * cost[verify_shape(choice.lookup, choice.drafts, self.every_length)]
+        seconds = (1 - any_found) * self.seconds(0, choice.drafts, cost) + \
+            any_found * self.seconds(choice.lookup, choice.drafts, cost)
         return 1 + found * (tokens - 1), seconds, (1 - found) + found * all_accepted
 
     def rate(self, choice: Choice) -> float:
@@ -144,7 +169,7 @@ class DraftLengthChooser:
         if choice.drafts == 0:
             return free_tokens / free_seconds
         tokens, kept = self.model.expected(choice.drafts)
-        with_seconds = cost[verify_shape(choice.drafts, choice.drafts, self.every_length)]
+        with_seconds = self.seconds(choice.drafts, choice.drafts, cost)
         if self.rows > 1:
             free_seconds = with_seconds
         free_per_with = 0.0 if self.every_length else (1 - kept) / max(to_drafts, 1e-9)

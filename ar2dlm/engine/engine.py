@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ar2dlm.engine.cost import shape_cost
+from ar2dlm.engine.cost import drafter_cost, shape_cost
 from ar2dlm.engine.draft_length import COST_CONTEXT, DraftLengthChooser
 from ar2dlm.engine.output import GenerationResult, default_stop_ids, encode_prompt
 from ar2dlm.engine.params import AUTO, DecodeParams
@@ -99,7 +99,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else \
             set(default_stop_ids(self.tokenizer, self.dlm.hf_config))
         req = Request(request_id, ids, params, self._room(ids, params.max_new_tokens), self.dlm.config, stop_ids,
-                      self.tokenizer, self.dlm.device, self._draft_chooser(params))
+                      self.tokenizer, self.dlm.device, self._draft_chooser(params), self.runner.feature_window)
         self._check_verifier(params)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -121,12 +121,14 @@ class Engine:
             return None
         key = (params.draft_every_length, params.lookup_drafts)
         if key not in self._choosers:
+            feature = bool(self.runner.feature_window)
             self._choosers[key] = DraftLengthChooser(
                 max(1, self.dlm.config.block_size - 1), params.draft_every_length,
                 lambda shapes, rows: shape_cost(self.dlm, sorted(shapes), context=COST_CONTEXT, repeats=3,
                                                 linear_kernel=self.runner.linear_kernel,
                                                 fused=self.runner.fused is not None, rows=rows),
-                lookup=params.lookup_drafts)
+                lookup=params.lookup_drafts,
+                drafter_cost=(lambda rows: drafter_cost(self.runner, rows, repeats=3)) if feature else None)
         return self._choosers[key]
 
     def abort(self, request_id: str) -> bool:
@@ -167,21 +169,36 @@ class Engine:
         for req, _ in fwd.members:
             if req.t_start is None:
                 req.t_start = t0
-        logits = self.runner.forward(self.cache, fwd.row_start, [(r.state, p) for r, p in fwd.rows])
+        features = [None] * len(fwd.rows) if self.runner.feature_window else None
+        logits = self.runner.forward(self.cache, fwd.row_start, [(r.state, p) for r, p in fwd.rows], features)
         self.forwards += any(p is not None and p.fed for _, p in fwd.rows)
         now = time.perf_counter()
-        outputs = []
-        for (req, plan), row_logits in zip(fwd.rows, logits):
+        committed = []
+        for i, ((req, plan), row_logits) in enumerate(zip(fwd.rows, logits)):
             if plan is None:
                 continue
-            old, new = req.state.apply(plan, row_logits, req.policy, req.sampling, req.generator)
+            extra = {"features": features[i]} if features is not None and req.params.policy == "verify" else {}
+            old, new = req.state.apply(plan, row_logits, req.policy, req.sampling, req.generator, **extra)
             req.after_forward(old, new, now)
-            outputs.append(req.output())
+            committed.append(req)
+        if features is not None:
+            self._feature_drafts(committed)
+        outputs = [req.output() for req in committed]
         for req, _ in fwd.members:
             if req.finished:
                 self.scheduler.retire(req)
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _feature_drafts(self, requests: list[Request]) -> None:
+        """A feature drafter's drafts for every running verify sequence that wants them, in one drafter call."""
+        drafting = [r for r in requests if not r.finished and getattr(r.state, "wants_drafts", False)]
+        if not drafting:
+            return
+        logits = self.runner.draft([r.state.context for r in drafting], [r.state.toks[-1] for r in drafting],
+                                   self.dlm.config.block_size - 1)
+        for req, row in zip(drafting, logits):
+            req.state.set_drafts(row, req.policy, req.sampling, req.generator)
 
     # ------------------------------------------------------------------------------------------ loops
     def generate(self, prompt, params: DecodeParams | None = None, **overrides) -> GenerationResult:

@@ -35,7 +35,7 @@ class RequestOutput:
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: DecodeParams, max_new_tokens: int,
-                 model_config, stop_ids: set[int], tokenizer, device, draft_chooser=None):
+                 model_config, stop_ids: set[int], tokenizer, device, draft_chooser=None, feature_window: int = 0):
         self.request_id = request_id
         self.params = params
         self.policy, self.sampling = params.make_policy(), params.sampling()
@@ -44,7 +44,7 @@ class Request:
             draft_len = params.draft_len if fixed else max(1, model_config.block_size - 1)
             self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
                                      model_config.token_shift, params.draft_every_length, draft_chooser,
-                                     params.lookup_drafts)
+                                     params.lookup_drafts, feature_window)
         else:
             self.state = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
                                     model_config.token_shift, params, self.policy.leftmost_only)

@@ -43,16 +43,22 @@ class ModelRunner:
         self.mask_id = dlm.config.mask_token_id
         self.linear_kernel = use_linear_kernel(dlm, linear_kernel)
         self.fused = fused_decoder_for(dlm, self.linear_kernel) if fused else None
+        # a feature drafter (drafter/feature.py) drafts from the parent's hidden states at these layers
+        self.feature_layers = tuple(dlm.drafter_cfg.feature_layers) if getattr(dlm, "drafts_from_features", False) \
+            else ()
+        self.feature_window = dlm.drafter_cfg.window if self.feature_layers else 0
 
     def new_cache(self, max_rows: int) -> KVCachePool:
         return KVCachePool(self.dlm.hf_config.num_hidden_layers, max_rows)
 
     @torch.no_grad()
-    def forward(self, cache: KVCachePool, row_start: int,
-                rows: Sequence[tuple[object, Plan | None]]) -> list[torch.Tensor | None]:
+    def forward(self, cache: KVCachePool, row_start: int, rows: Sequence[tuple[object, Plan | None]],
+                features: list | None = None) -> list[torch.Tensor | None]:
         """One forward over cache rows [row_start, row_start + len(rows)); each row is (sequence state, plan), the
         state giving `toks` (its token ids by position) and `cached`; a plan may be None (the row only pads).
-        Returns per row the logits of its plan's `logit_pos` ([N, V]), or None where it reads none."""
+        Returns per row the logits of its plan's `logit_pos` ([N, V]), or None where it reads none. A list passed as
+        `features` (feature drafters only) is filled with each row's parent features at its fed positions
+        ([fed, F], None where it feeds nothing)."""
         fed = [p if p is not None and p.fed else None for _, p in rows]
         if not any(fed):
             return [None] * len(rows)
@@ -61,16 +67,39 @@ class ModelRunner:
         else:
             ids, pos, slots, mask, kv_len = self._padded(rows, fed)
         cache.bind(row_start, slots, kv_len)
-        return self._pick_logits(self.decoder_hidden(ids, mask, pos, cache), fed)
+        if features is None:
+            return self._pick_logits(self.decoder_hidden(ids, mask, pos, cache), fed)
+        hidden, feats = self.decoder_hidden(ids, mask, pos, cache, self.feature_layers)
+        features[:] = [feats[i, :p.fed] if p is not None else None for i, p in enumerate(fed)]
+        return self._pick_logits(hidden, fed)
 
-    def decoder_hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                       cache: KVCachePool) -> torch.Tensor:
+    def decoder_hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: KVCachePool,
+                       capture: tuple[int, ...] = ()):
         """The model call of a forward: final hidden states [B, Q, H] of `ids` [B, Q] at `pos` under `mask`
-        [B, 1, Q, kv_len], on the bound `cache`."""
+        [B, 1, Q, kv_len], on the bound `cache`; with `capture` (Hugging Face `hidden_states` entries) also those
+        entries concatenated, as (hidden, features [B, Q, F])."""
         if self.fused is not None:
-            return self.fused.hidden(ids, mask, pos, cache)
-        return self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                       use_cache=True).last_hidden_state
+            return self.fused.hidden(ids, mask, pos, cache, capture)
+        out = self.dlm.decoder_output(ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                      use_cache=True, output_hidden_states=bool(capture))
+        if not capture:
+            return out.last_hidden_state
+        return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in capture], dim=-1)
+
+    @torch.no_grad()
+    def draft(self, contexts: Sequence[torch.Tensor], anchors: Sequence[int], drafts: int) -> torch.Tensor:
+        """A feature drafter's draft logits [N, drafts, V] after each sequence's last committed token `anchors[i]`,
+        from its context features `contexts[i]` ([<= window, F], the last committed positions before the anchor),
+        all rows in one call (right-aligned in the window, the empty slots not read)."""
+        window, dev = self.feature_window, self.dlm.device
+        feats = torch.zeros(len(contexts), window, self.dlm.feature_dim, device=dev)
+        valid = torch.zeros(len(contexts), window, dtype=torch.bool, device=dev)
+        for i, context in enumerate(contexts):
+            n = min(context.shape[0], window)
+            if n:
+                feats[i, window - n:] = context[-n:]
+                valid[i, window - n:] = True
+        return self.dlm.draft_logits(feats, valid, torch.tensor(list(anchors), device=dev), drafts)
 
     # ------------------------------------------------------------------------------------------ inputs
     def _ids(self, state, plan: Plan) -> list[int]:

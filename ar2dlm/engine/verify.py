@@ -22,7 +22,11 @@ With `every_length` (TiDAR-style) the forward feeds one mask block per possible 
 each at the positions it drafts and seeing only the clean prefix it assumes accepted; the block matching the outcome
 gives the next drafts, so a forward after a rejected draft still has drafts to check. With a `chooser`
 (`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward; a length of 0 is
-a plain AR forward (no mask block), for hardware where drafting does not pay. With `lookup`, a
+a plain AR forward (no mask block), for hardware where drafting does not pay. With a feature drafter (`feature_window` > 0, drafter/feature.py) the
+forward feeds no mask block at all: it is the parent's plain forward over the clean positions, and it also yields
+the parent's hidden states there; the engine hands those of the committed positions to the sequence
+(`apply(..., features=...)`, the last `feature_window` kept) and the drafter drafts the next block from them in a
+call of its own after the forward (`set_drafts`), whatever was accepted. With `lookup`, a
 forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
 drafts instead (engine/lookup.py), when the sequence's last tokens occurred before.
 
@@ -46,12 +50,17 @@ class VerifyState:
     """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool,
-                 every_length: bool = False, chooser=None, lookup: bool = False):
+                 every_length: bool = False, chooser=None, lookup: bool = False, feature_window: int = 0):
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
         if draft_len < 1:
             raise Ar2dlmError(f"draft length must be >= 1, got {draft_len}")
+        if feature_window and every_length:
+            raise Ar2dlmError("drafts for every acceptance length (+all) are for a gated drafter: a feature drafter "
+                              "drafts after every forward, whatever was accepted")
+        self.feature_window = feature_window
+        self.context: torch.Tensor | None = None  # a feature drafter's input: parent features of the last positions
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
         self.draft_len, self.mask_id, self.every_length = draft_len, mask_id, every_length
@@ -108,7 +117,8 @@ class VerifyState:
             self.looked_up = bool(self.drafts)
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
-        self._fed_blocks = [(a, made) for a, made in self._blocks(n, drafts) if made > 0]
+        self._fed_blocks = [] if self.feature_window else \
+            [(a, made) for a, made in self._blocks(n, drafts) if made > 0]
         ids = self.toks[start:] + drafts
         logit_pos = list(range(n - 1, clean_end))
         if not self.every_length:  # one block after the clean positions, seeing all of them: visibility groups
@@ -130,9 +140,10 @@ class VerifyState:
                     visible=_every_length_visibility(owner, positions, seen_upto))
 
     def apply(self, plan: Plan, logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
-              generator: torch.Generator | None) -> tuple[int, int]:
+              generator: torch.Generator | None, features: torch.Tensor | None = None) -> tuple[int, int]:
         """Accept drafts against the clean logits (rows 0 .. len(drafts)), take the next drafts from the rows of
-        the mask block that assumed exactly the accepted drafts; returns the committed length before and after."""
+        the mask block that assumed exactly the accepted drafts (a feature drafter: keep the parent `features` of
+        the fed positions now committed); returns the committed length before and after."""
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
@@ -145,6 +156,8 @@ class VerifyState:
         if self.chooser is not None:
             self.chooser.record(len(drafts), accepted, model_drafts=bool(drafts) and not self.looked_up,
                                 looked_up=self._looked_for, plain=self.draft_len == 0)
+        if self.feature_window:  # fed slots from the cached length on; those up to the last accepted draft count
+            self._keep_context(features, old - plan.fed_start + accepted)
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
         self.drafts, self.draft_probs, self.looked_up = [], None, False
@@ -155,8 +168,24 @@ class VerifyState:
             row += made
         return old, len(self.toks)
 
+    def _keep_context(self, features: torch.Tensor | None, committed: int) -> None:
+        if features is None:
+            raise Ar2dlmError("a feature drafter's verify forward came without the parent's features")
+        context = features[:committed] if self.context is None else torch.cat([self.context, features[:committed]])
+        self.context = context[-self.feature_window:]
+
+    @property
+    def wants_drafts(self) -> bool:
+        """A feature drafter drafts for this sequence after the forward: room is left and the last choice drafted."""
+        return bool(self.feature_window) and self.draft_len > 0 and len(self.toks) + 1 < self.limit
+
+    def set_drafts(self, draft_logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
+                   generator: torch.Generator | None) -> None:
+        """The feature drafter's logits [D, V] after the last committed token become the next drafts."""
+        self.drafts, self.draft_probs = policy.draft(draft_logits, sampling, generator)
+
     def release(self) -> None:
-        self.drafts, self.draft_probs = [], None
+        self.drafts, self.draft_probs, self.context = [], None, None
 
 
 def _every_length_visibility(owner: list[int], positions: list[int], seen_upto: list[int]) -> torch.Tensor:

@@ -309,7 +309,8 @@ class BlockDiffusionLM(nn.Module):
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         merge_lora: bool = True,
     ) -> tuple["BlockDiffusionLM", object]:
-        """Load a saved dLM (full, LoRA or gated drafter; a folder or a shipped dLM's name) and its tokenizer."""
+        """Load a saved dLM (full, LoRA, gated or feature drafter; a folder or a shipped dLM's name) and its
+        tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ar2dlm.model.loading import resolve_dlm_path
@@ -317,8 +318,11 @@ class BlockDiffusionLM(nn.Module):
         path = resolve_dlm_path(path)
         if not path.is_dir():
             raise Ar2dlmError(f"no dLM checkpoint at {path}")
+        from ar2dlm.drafter import feature
         from ar2dlm.model import drafter
 
+        if feature.is_feature_drafter_folder(path):  # the unchanged parent plus a drafter on its hidden states
+            return feature.load_feature_drafter(path, dtype=dtype, device=device)
         if drafter.is_drafter_folder(path):  # gated: never merged, the gate keeps clean positions on the parent
             return drafter.load_drafter(path, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(path)

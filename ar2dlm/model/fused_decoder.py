@@ -155,9 +155,12 @@ class FusedDecoder:
         return slice(first, last + 1) if last - first + 1 == index.numel() else index
 
     @torch.no_grad()
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+               capture: tuple[int, ...] = ()):
         """Final hidden states [B, S, H] of `ids` at `positions`, reading and writing the bound KV pool `cache`
-        (`kv_cache.KVCachePool`) under the boolean `mask` [B, 1, S, kv_len]."""
+        (`kv_cache.KVCachePool`) under the boolean `mask` [B, 1, S, kv_len]. With `capture` (entries of Hugging
+        Face's `hidden_states`: i = after i layers, the last one after the final norm) it returns (final hidden
+        states, those entries concatenated [B, S, len(capture) * H]), for a feature drafter."""
         batch, seq = ids.shape
         hq, hk, d = self.q_heads, self.kv_heads, self.head_dim
         x = self.dlm.embed(ids)
@@ -165,7 +168,8 @@ class FusedDecoder:
         cos = cos[:, :, None, :]
         signed_sin = torch.cat([-sin[..., :d // 2], sin[..., d // 2:]], dim=-1)[:, :, None, :]
         gated = self._gated_rows(ids)
-        for cache_layer, layer in zip(cache.layers, self.layers):
+        captured = {0: x} if 0 in capture else {}
+        for i, (cache_layer, layer) in enumerate(zip(cache.layers, self.layers), start=1):
             qkv = layer.qkv(layer.input_norm(x), gated).view(batch, seq, hq + 2 * hk, d)
             if layer.q_norm is None:
                 qk = _rope(qkv[:, :, :hq + hk], cos, signed_sin)
@@ -180,7 +184,13 @@ class FusedDecoder:
             gate_up = layer.gate_up(layer.post_norm(x), gated)
             act = F.silu(gate_up[..., :self.intermediate]).mul_(gate_up[..., self.intermediate:])
             x = x + layer.down(act, gated)
-        return self.final_norm(x)
+            if i in capture:
+                captured[i] = x
+        final = self.final_norm(x)
+        if not capture:
+            return final
+        captured[len(self.layers)] = final
+        return final, torch.cat([captured[i] for i in capture], dim=-1)
 
 
 def unfusable_reason(dlm) -> str | None:
