@@ -5,6 +5,8 @@ One path for the data: records -> examples (tokens + which are maskable) -> padd
 
 With --drafter the same job trains a gated drafter instead (training/drafter_job.py): the parent stays frozen and
 exact, the loss is the drafter objective's, and the held-out check adds the drafts a verify decoder would accept.
+With --drafter-kind feature it trains a feature drafter on the parent's cached hidden states
+(drafter/feature_training.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ar2dlm.data.batching import Batcher, iter_batches
+from ar2dlm.drafter import feature_training
 from ar2dlm.data.tokenize import DataConfig, load_examples, split_heldout
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
@@ -122,6 +125,8 @@ def _set_heldout(trainer, dlm, heldout_ex, cfg: ConvertConfig, pad_id: int, devi
 
 
 def _convert(cfg: ConvertConfig, info, device) -> dict:
+    if cfg.drafter_kind == "feature":
+        return feature_training.train(cfg, info, device, prepare_examples)
     out = Path(cfg.output)
     check_run_folder(cfg)
     torch.manual_seed(cfg.seed)

@@ -97,9 +97,24 @@ class ConvertConfig(TrainConfig):
                                             "as smollm2-135m-dlm) and train it further, e.g. on new data")
     drafter_masking: str = option("full", "drafter masks: full = every maskable token (the fully masked block a "
                                         "verify decoder drafts from), schedule = --masking", choices=["full", "schedule"])
+    drafter_kind: str = option("gated", "with --drafter: gated = LoRA on the parent acting on mask tokens; feature = "
+                                        "a small block-diffusion model on the parent's cached hidden states "
+                                        "(implies --drafter)", choices=["gated", "feature"])
+    feature_layers: str | None = option(None, "feature drafter: the parent hidden states it reads, as layer counts "
+                                              "(Hugging Face hidden_states entries; default low,mid,high: 2,L/2,L)")
+    draft_layers: int = option(2, "feature drafter: its own decoder layers")
+    feature_window: int = option(32, "feature drafter: committed positions whose features it reads")
+    feature_cache: str | None = option(None, "feature drafter: the folder of the parent's features for the data "
+                                             "(default: in the ar2dlm cache, by parent, data and layers)")
+    anchors_per_sequence: int = option(64, "feature drafter: anchors (block starts) a micro-batch takes from one "
+                                           "sequence at most")
+    position_decay: float = option(0.8, "feature drafter: loss weight of draft k is decay^(k-1) (early drafts "
+                                        "count most)")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.drafter_kind == "feature":
+            self.drafter = True
         if self.drafter and self.lora_rank == 0:
             self.lora_rank = 32  # a drafter is always an adapter; 0 is the full fine-tuning default of a dLM
         checks = [
@@ -117,6 +132,12 @@ class ConvertConfig(TrainConfig):
              "--drafter-target must be text, argmax or distribution"),
             (self.drafter_masking in ("full", "schedule"), "--drafter-masking must be full or schedule"),
             (self.drafter or self.init_drafter is None, "--init-drafter needs --drafter"),
+            (self.drafter_kind in ("gated", "feature"), "--drafter-kind must be gated or feature"),
+            (self.drafter_kind != "feature" or self.block_size >= 2,
+             "--drafter-kind feature needs --block-size >= 2 (the last token and at least one draft)"),
+            (self.draft_layers >= 1 and self.feature_window >= 1 and self.anchors_per_sequence >= 1,
+             "--draft-layers, --feature-window and --anchors-per-sequence must be >= 1"),
+            (0 < self.position_decay <= 1, "--position-decay must be in (0, 1]"),
             (not (self.answers_from_parent and self.data == "self"),
              "--answers-from-parent needs a data file or dataset (data=self is already the parent's answers)"),
         ]
