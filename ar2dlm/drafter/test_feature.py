@@ -1,0 +1,177 @@
+"""The feature drafter in the engine: the output is the parent's (greedy, alone, batched, streamed, fused or not),
+right drafts are accepted (an oracle drafter commits whole blocks), the features the engine hands it are the
+parent's, sampling keeps the parent's joint distribution, and save/load keeps every weight (tiny models)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from ar2dlm.drafter.feature import FeatureDrafterLM, is_feature_drafter_folder
+from ar2dlm.engine import DecodeParams, Engine
+from ar2dlm.engine.policies import Sampling, filtered_probs
+from ar2dlm.engine.runner import ModelRunner
+from ar2dlm.engine.verify import VerifyPolicy
+from ar2dlm.errors import Ar2dlmError
+from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.testing import tiny_model, tiny_tokenizer
+
+PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
+
+
+def randomize(dlm: FeatureDrafterLM, seed: int = 0, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dlm.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok = tiny_tokenizer()
+    parent = tiny_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=4).eval()
+    drafter = FeatureDrafterLM.from_base(copy.deepcopy(parent), tok, block_size=4, base_model="tiny", window=6).eval()
+    randomize(drafter)
+    ar = BlockDiffusionLM.from_base(copy.deepcopy(parent), copy.deepcopy(tok), block_size=1).eval()
+    return tok, ar, drafter, parent
+
+
+def greedy(ar, tok, prompts, n=24):
+    return [r.tokens for r in Engine(ar, tok).generate_batch(prompts, DecodeParams(policy="ar", max_new_tokens=n,
+                                                                                   stop_token_ids=()))]
+
+
+@pytest.mark.parametrize("draft_len", [1, 3, "auto"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_greedy_verify_is_the_parent(models, draft_len, fused):
+    tok, ar, drafter, _ = models
+    want = greedy(ar, tok, PROMPTS)
+    params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=24, stop_token_ids=(),
+                          lookup_drafts=draft_len == "auto")
+    engine = Engine(drafter, tok, fused=fused)
+    assert [r.tokens for r in engine.generate_batch(PROMPTS, params)] == want  # batched
+    assert [engine.generate(p, params).tokens for p in PROMPTS] == want  # one at a time
+    stream = engine.stream(PROMPTS[0], params)
+    text = "".join(stream)
+    assert stream.result.tokens == want[0] and text == stream.result.text
+
+
+def test_oracle_drafts_commit_whole_blocks(models, monkeypatch):
+    """A drafter that drafts the parent's true continuation has every draft accepted: each forward commits the
+    block (3 drafts + the parent's own token), so the drafts line up with the positions the parent checks."""
+    tok, ar, drafter, _ = models
+    ids = tok(PROMPTS[0])["input_ids"]
+    want = greedy(ar, tok, [ids], n=24)[0]
+    full = ids + want
+    vocab = drafter.backbone.get_input_embeddings().weight.shape[0]
+    calls, holder = [], {}
+
+    def oracle(self, contexts, anchors, drafts):
+        calls.append([c.shape[0] for c in contexts])
+        out = torch.full((len(anchors), drafts, vocab), -10.0)
+        for row, anchor in enumerate(anchors):
+            at = len(holder["state"].toks) - 1  # the anchor is the last committed token
+            assert full[at] == anchor
+            for k in range(drafts):
+                if at + 1 + k < len(full):
+                    out[row, k, full[at + 1 + k]] = 10.0
+        return out
+
+    monkeypatch.setattr(ModelRunner, "draft", oracle)
+    engine = Engine(drafter, tok)
+    rid = engine.add_request(ids, DecodeParams(policy="verify", draft_len=3, max_new_tokens=24, stop_token_ids=()))
+    holder["state"] = engine.requests[rid].state
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                res = out.result
+    assert res.tokens == want
+    assert res.nfe == 1 + (24 - 1 + 3) // 4  # the prefill commits 1 token, then 4 per forward
+
+
+def test_engine_features_are_the_parents(models):
+    """The context the drafter reads after each forward is the parent's hidden states of the committed positions
+    (a full forward over the sequence gives the same), fused or Hugging Face forward alike."""
+    tok, _, drafter, _ = models
+    ids = tok(PROMPTS[1])["input_ids"]
+    for fused in (True, False):
+        engine = Engine(drafter, tok, fused=fused)
+        rid = engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, max_new_tokens=10,
+                                                   stop_token_ids=()))
+        state = engine.requests[rid].state
+        while engine.has_unfinished():
+            engine.step()
+            if state.context is None:
+                continue
+            whole = drafter.features_of(torch.tensor([state.toks]))[0]
+            n = state.context.shape[0]
+            assert torch.allclose(state.context, whole[len(state.toks) - 1 - n:len(state.toks) - 1], atol=1e-4)
+
+
+def test_feature_drafter_refuses_drafts_for_every_length(models):
+    tok, _, drafter, _ = models
+    with pytest.raises(Ar2dlmError, match="gated drafter"):
+        Engine(drafter, tok).generate(PROMPTS[0], DecodeParams(policy="verify", draft_every_length=True,
+                                                               max_new_tokens=4))
+
+
+def test_save_and_load_keep_the_drafter(models, tmp_path, monkeypatch):
+    tok, _, drafter, parent = models
+    path = tmp_path / "fd"
+    drafter.save_pretrained(path, tok)
+    assert is_feature_drafter_folder(path)
+    import ar2dlm.model.loading as loading
+
+    monkeypatch.setattr(loading, "load_base", lambda spec, dtype=None, device="cpu": (copy.deepcopy(parent), tok))
+    loaded, _ = BlockDiffusionLM.from_pretrained(path)
+    for (name, a), b in zip(drafter.drafter_state().items(), loaded.drafter_state().values()):
+        assert torch.equal(a, b), name
+    feats = torch.randn(2, 6, drafter.feature_dim)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    anchors = torch.tensor([5, 7])
+    assert torch.equal(drafter.draft_logits(feats, valid, anchors), loaded.draft_logits(feats, valid, anchors))
+
+
+def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch):
+    """The first two sampled tokens, the second drawn by speculative sampling against a feature drafter's draft
+    (from a fixed distribution over the parent's possible second tokens plus one it never picks), follow the
+    parent's joint distribution (top-3 sampling, chi-square at p = 0.001)."""
+    tok, _, drafter, _ = models
+    ids = tok(PROMPTS[0])["input_ids"]
+    sampling = Sampling(temperature=0.3, top_k=3)
+
+    def next_probs(prefix):
+        with torch.no_grad():
+            return filtered_probs(drafter(torch.tensor([prefix]))[0][0, -1], sampling)
+
+    p1 = next_probs(ids)
+    joint = {(a, b): p1[a].item() * q.item() for a in p1.nonzero()[:, 0].tolist()
+             for b, q in enumerate(next_probs(ids + [a])) if q > 0}
+    fixed_q = torch.zeros(p1.shape[0])
+    fixed_q[sorted({b for _, b in joint})] = 1.0
+    fixed_q[5] += 1.0
+    fixed_q /= fixed_q.sum()
+
+    def draft(self, logits, sampling, generator):
+        q = fixed_q.expand(logits.shape[0], -1)
+        return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
+
+    monkeypatch.setattr(VerifyPolicy, "draft", draft)
+    engine = Engine(drafter, tok, max_running=16)
+    n, counts, offered, accepted = 1500, Counter(), 0, 0
+    rids = [engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i,
+                                                 max_new_tokens=3, stop_token_ids=())) for i in range(n)]
+    requests = [engine.requests[rid] for rid in rids]
+    while engine.has_unfinished():
+        engine.step()
+    for req in requests:
+        counts[tuple(req.tokens[:2])] += 1
+        offered += req.state.offered_drafts
+        accepted += req.state.accepted_drafts
+    assert 0 < accepted < offered
+    assert set(counts) <= set(joint)
+    chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
+    assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
