@@ -53,6 +53,7 @@ class FeatureDrafterConfig:
     feature_layers: list[int] = field(default_factory=list)  # parent hidden states after this many decoder layers
     num_layers: int = 2  # draft decoder layers
     window: int = 32  # committed positions whose features the drafter reads
+    draft_vocab: int = 0  # tokens it may draft (the most frequent of its training targets); 0: the whole vocabulary
 
     def check(self, parent_layers: int) -> None:
         if not self.feature_layers:
@@ -64,6 +65,8 @@ class FeatureDrafterConfig:
             raise Ar2dlmError(f"a feature drafter needs >= 1 draft layer, got {self.num_layers}")
         if self.window < 1:
             raise Ar2dlmError(f"the feature window must be >= 1 position, got {self.window}")
+        if self.draft_vocab < 0:
+            raise Ar2dlmError(f"the draft vocabulary must be >= 0 tokens (0: all), got {self.draft_vocab}")
 
 
 def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -138,10 +141,13 @@ class FeatureDrafter(nn.Module):
                        eps) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(hidden))
 
-    def forward(self, features, valid, block, cos, sin):
+    def forward(self, features, valid, block, cos, sin, index=None):
         """features [N, W, F] (raw parent features), valid [N, W] bool, block [N, B, H] embeddings: the normed final
-        hidden states of the block [N, B, H]."""
+        hidden states of the block [N, B, H]. With `index` [N, W], `features` [P, F] holds each distinct position
+        once (training: windows overlap) and the windows are gathered after the fuse projection."""
         context = self.fuse(features.to(self.fuse.weight.dtype))
+        if index is not None:
+            context = context[index]
         n, b = block.shape[:2]
         visible = torch.cat([valid, valid.new_ones(n, b)], dim=1)[:, None, None, :]
         x = block
@@ -172,15 +178,51 @@ class FeatureDrafterLM(BlockDiffusionLM):
             layer.copy_from(layers[len(layers) - len(self.drafter.layers) + i])
         with torch.no_grad():
             self.drafter.norm.copy_(backbone.get_decoder().norm.weight)
+        # the draft vocabulary (its token ids; all tokens until set_draft_vocab) and its rows of the parent's head
+        self.register_buffer("draft_vocab", torch.zeros(drafter_cfg.draft_vocab, dtype=torch.long))
+        self._draft_head = None
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Draft only these tokens: the LM head shrinks to their rows (the drafts' head costs K / V of the full one),
+        and a draft is never a token outside them."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if token_ids.numel() != self.drafter_cfg.draft_vocab:
+            raise Ar2dlmError(f"a draft vocabulary of {self.drafter_cfg.draft_vocab} tokens was configured, got "
+                              f"{token_ids.numel()}")
+        self.draft_vocab = token_ids.to(self.mask_embedding.device)
+        self._draft_head = None
+
+    def draft_head(self) -> torch.Tensor:
+        """The LM-head rows of the draft vocabulary [K, H] (taken once from the frozen parent head)."""
+        weight = self.backbone.get_output_embeddings().weight
+        if self._draft_head is None or self._draft_head.device != weight.device or \
+                self._draft_head.dtype != weight.dtype:
+            self._draft_head = weight.detach()[self.draft_vocab.to(weight.device)].contiguous()
+        return self._draft_head
+
+    def draft_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary [..., K] (the full vocabulary, mask token ruled out, when it is all)."""
+        if not self.drafter_cfg.draft_vocab:
+            return self.logits(hidden)
+        return hidden @ self.draft_head().t()
+
+    def to_draft_vocab(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their index in the draft vocabulary (-1 outside it); identity when it is all tokens."""
+        if not self.drafter_cfg.draft_vocab:
+            return token_ids
+        lookup = torch.full((self.backbone.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long,
+                            device=token_ids.device)
+        lookup[self.draft_vocab.to(token_ids.device)] = torch.arange(self.draft_vocab.numel(), device=token_ids.device)
+        return torch.where(token_ids >= 0, lookup[token_ids.clamp(min=0)], token_ids)
 
     @classmethod
     def from_base(cls, backbone, tokenizer, block_size: int = 8, base_model: str | None = None,
                   feature_layers: list[int] | None = None, num_layers: int = 2, window: int = 32,
-                  mask_token: str | None = None) -> "FeatureDrafterLM":
+                  draft_vocab: int = 0, mask_token: str | None = None) -> "FeatureDrafterLM":
         mask_id = add_mask_token(backbone, tokenizer, mask_token)
         layers = feature_layers or default_feature_layers(backbone.config.num_hidden_layers)
         cfg = DLMConfig(block_size=block_size, mask_token_id=mask_id, token_shift=True, base_model=base_model)
-        return cls(backbone, cfg, FeatureDrafterConfig(list(layers), num_layers, window))
+        return cls(backbone, cfg, FeatureDrafterConfig(list(layers), num_layers, window, draft_vocab))
 
     @property
     def feature_dim(self) -> int:
@@ -208,25 +250,33 @@ class FeatureDrafterLM(BlockDiffusionLM):
         return cos[:, :, None, :].to(self.mask_embedding.dtype), sin[:, :, None, :].to(self.mask_embedding.dtype)
 
     def draft_hidden(self, features: torch.Tensor, valid: torch.Tensor, anchors: torch.Tensor,
-                     drafts: int | None = None) -> torch.Tensor:
+                     drafts: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [N, drafts, H] of the mask slots of blocks [anchor, mask x drafts] after the context
-        `features` [N, W, F] (slots where `valid` [N, W] is False are not read). drafts: block size - 1 by default."""
+        `features` [N, W, F] (slots where `valid` [N, W] is False are not read; with `index` [N, W], features [P, F]
+        gathered by it). drafts: block size - 1 by default."""
         drafts = self.config.block_size - 1 if drafts is None else drafts
-        n = anchors.shape[0]
+        n, window = valid.shape
         block = torch.cat([self.backbone.get_input_embeddings()(anchors)[:, None],
                            self.mask_embedding.expand(n, drafts, -1)], dim=1)
-        cos, sin = self._rotary(features.shape[1] + drafts + 1)
-        return self.drafter(features, valid, block, cos, sin)[:, 1:]
+        cos, sin = self._rotary(window + drafts + 1)
+        return self.drafter(features, valid, block, cos, sin, index)[:, 1:]
 
     @torch.no_grad()
     def draft_logits(self, features, valid, anchors, drafts: int | None = None) -> torch.Tensor:
-        """LM-head logits [N, drafts, V] of the drafts after each anchor (the mask token ruled out)."""
-        return self.logits(self.draft_hidden(features, valid, anchors, drafts))
+        """Logits [N, drafts, V] over the parent's vocabulary of the drafts after each anchor: the mask token and
+        tokens outside the draft vocabulary ruled out (-inf)."""
+        scores = self.draft_scores(self.draft_hidden(features, valid, anchors, drafts))
+        if not self.drafter_cfg.draft_vocab:
+            return scores
+        vocab = self.backbone.get_input_embeddings().weight.shape[0]
+        out = scores.new_full((*scores.shape[:-1], vocab), float("-inf"))
+        return out.index_copy_(-1, self.draft_vocab, scores)
 
     # ------------------------------------------------------------------------------------------- save / load
     def drafter_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         state = {f"drafter.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in self.drafter.state_dict().items()}
         state["mask_embedding"] = self.mask_embedding.detach().to("cpu", dtype).contiguous()
+        state["draft_vocab"] = self.draft_vocab.detach().cpu().contiguous()  # token ids: never cast
         return state
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, base_model: str | None = None,
@@ -251,6 +301,7 @@ class FeatureDrafterLM(BlockDiffusionLM):
         state = dict(state)
         own = {f"drafter.{k}": v for k, v in self.drafter.state_dict().items()}
         own["mask_embedding"] = self.mask_embedding
+        own["draft_vocab"] = self.draft_vocab
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
         if missing or extra or wrong:
@@ -259,6 +310,7 @@ class FeatureDrafterLM(BlockDiffusionLM):
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k].to(v.dtype))
+        self._draft_head = None
 
 
 def is_feature_drafter_folder(path: str | os.PathLike) -> bool:

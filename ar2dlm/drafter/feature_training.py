@@ -43,16 +43,19 @@ HELDOUT_ANCHORS = 4096  # at most this many held-out anchors are scored (spread 
 
 
 class FeatureBatch:
-    """Anchors as the drafter consumes them: context features, their validity, anchor ids, targets and weights."""
+    """Anchors as the drafter consumes them: the features of the positions their windows cover (each position once,
+    [P, F]), each window's rows into them ([A, W], `valid` where the slot is a real position), anchor ids [A],
+    targets [A, D] (-1: not scored) and the per-draft loss weights [D]."""
 
-    def __init__(self, features, valid, anchors, targets, weights):
-        self.features, self.valid, self.anchors, self.targets, self.weights = features, valid, anchors, targets, weights
+    def __init__(self, features, index, valid, anchors, targets, weights):
+        self.features, self.index, self.valid = features, index, valid
+        self.anchors, self.targets, self.weights = anchors, targets, weights
 
     def to(self, device):
         return FeatureBatch(*(t.to(device) for t in self.args()))
 
     def args(self) -> tuple:
-        return self.features, self.valid, self.anchors, self.targets, self.weights
+        return self.features, self.index, self.valid, self.anchors, self.targets, self.weights
 
     @property
     def n_scored(self) -> int:
@@ -76,24 +79,26 @@ def anchor_positions(maskable: torch.Tensor) -> torch.Tensor:
 def make_batch(sequences, picks: list[tuple[int, torch.Tensor]], window: int, drafts: int,
                decay: float) -> FeatureBatch:
     """Anchors `picks` = [(example index, anchor positions)] of `sequences` [(ids, maskable, features)]."""
-    feats, valid, anchors, targets = [], [], [], []
+    feats, index, valid, anchors, targets = [], [], [], [], []
     offsets = torch.arange(-window, 0)
     steps = torch.arange(1, drafts + 1)
-    for index, positions in picks:
-        ids, maskable, features = sequences[index]
+    base = 0
+    for i, positions in picks:
+        ids, maskable, features = sequences[i]
         n = ids.shape[0]
+        covered = int(positions.max())  # windows end before their anchor
+        feats.append(features[:covered])
         ctx = positions[:, None] + offsets[None, :]  # [A, W]
-        ok = ctx >= 0
-        feats.append(features[ctx.clamp(min=0)] * ok[..., None].to(features.dtype))
-        valid.append(ok)
+        valid.append(ctx >= 0)
+        index.append(base + ctx.clamp(min=0))
+        base += covered
         anchors.append(ids[positions])
-        at = positions[:, None] + steps[None, :]  # [A, D]
-        inside = at < n
-        target = torch.where(inside, ids[at.clamp(max=n - 1)], torch.full_like(at, -1))
-        scored = inside & maskable[at.clamp(max=n - 1)]
-        targets.append(torch.where(scored, target, torch.full_like(target, -1)))
+        at = (positions[:, None] + steps[None, :]).clamp(max=n - 1)  # [A, D]
+        scored = (positions[:, None] + steps[None, :] < n) & maskable[at]
+        targets.append(torch.where(scored, ids[at], torch.full_like(at, -1)))
     weights = decay ** (steps - 1).float()
-    return FeatureBatch(torch.cat(feats), torch.cat(valid), torch.cat(anchors), torch.cat(targets), weights)
+    return FeatureBatch(torch.cat(feats), torch.cat(index), torch.cat(valid), torch.cat(anchors), torch.cat(targets),
+                        weights)
 
 
 class AnchorSampler:
@@ -145,13 +150,15 @@ class FeatureObjective(nn.Module):
         super().__init__()
         self.dlm = dlm
 
-    def forward(self, features, valid, anchors, targets, weights):
-        hidden = self.dlm.draft_hidden(features.float(), valid, anchors, targets.shape[1])
+    def forward(self, features, index, valid, anchors, targets, weights):
+        hidden = self.dlm.draft_hidden(features.float(), valid, anchors, targets.shape[1], index)
         scored = targets >= 0
-        logits = self.dlm.logits(hidden[scored])
-        loss = F.cross_entropy(logits.float(), targets[scored], reduction="none")
-        w = weights[None, :].expand_as(targets)[scored]
-        correct = (logits.argmax(-1) == targets[scored]).sum()
+        wanted = self.dlm.to_draft_vocab(targets[scored])  # -1: outside the draft vocabulary, never draftable
+        scores = self.dlm.draft_scores(hidden[scored])
+        inside = wanted >= 0
+        loss = F.cross_entropy(scores[inside].float(), wanted[inside], reduction="none")
+        w = weights[None, :].expand_as(targets)[scored][inside]
+        correct = (scores.argmax(-1) == wanted).sum()
         return (loss * w).sum(), correct
 
 
@@ -162,8 +169,9 @@ def draft_acceptance(dlm: FeatureDrafterLM, batches: list[FeatureBatch]) -> dict
     runs, anchors = [], 0
     right_at = torch.zeros(drafts)
     for b in batches:
-        guess = dlm.logits(dlm.draft_hidden(b.features.float(), b.valid, b.anchors, drafts)).argmax(-1)
-        right = (guess == b.targets) & (b.targets >= 0)
+        scores = dlm.draft_scores(dlm.draft_hidden(b.features.float(), b.valid, b.anchors, drafts, b.index))
+        guess = scores.argmax(-1)
+        right = (guess == dlm.to_draft_vocab(b.targets)) & (b.targets >= 0)
         leading = right.long().cumprod(dim=1)  # draft k right and every draft before it
         right_at += leading.sum(0).float().cpu()
         runs.append(leading.sum(1).float().cpu())
@@ -184,6 +192,17 @@ class FeatureTrainer(Trainer):
         stats = heldout_stats(self.model, self.heldout, self.autocast, self.names)
         stats.update({f"heldout_{k}": v for k, v in draft_acceptance(self.objective.dlm, self.heldout).items()})
         return stats
+
+
+def draft_vocabulary(examples, size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens of the examples (what the drafter will be asked to draft), in id
+    order; fewer when the answers hold fewer distinct tokens."""
+    counts = torch.zeros(max(max(e.input_ids) for e in examples) + 1, dtype=torch.long)
+    for e in examples:
+        answer = torch.tensor([t for t, m in zip(e.input_ids, e.maskable) if m], dtype=torch.long)
+        counts.index_add_(0, answer, torch.ones_like(answer))
+    seen = int((counts > 0).sum())
+    return counts.topk(min(size, seen)).indices.sort().values
 
 
 def feature_cache_folder(cfg, parent: str, layers: list[int]) -> Path:
@@ -229,13 +248,17 @@ def train(cfg, info, device, prepare_examples) -> dict:
     torch.manual_seed(cfg.seed)
     backbone, tokenizer = load_base(cfg.model, dtype=torch.float32)
     parent = resolve_model_source(cfg.model)
+    examples = prepare_examples(cfg, backbone, tokenizer, info)
+    vocab = draft_vocabulary(examples, cfg.draft_vocab) if cfg.draft_vocab else None
     dlm = FeatureDrafterLM.from_base(backbone, tokenizer, cfg.block_size, base_model=parent,
                                      feature_layers=parse_layers(cfg.feature_layers), num_layers=cfg.draft_layers,
-                                     window=cfg.feature_window, mask_token=cfg.mask_token)
+                                     window=cfg.feature_window, draft_vocab=0 if vocab is None else vocab.numel(),
+                                     mask_token=cfg.mask_token)
+    if vocab is not None:
+        dlm.set_draft_vocab(vocab)
     if cfg.init_drafter:
         _init_from(dlm, cfg.init_drafter)
     dlm.to(device)
-    examples = prepare_examples(cfg, backbone, tokenizer, info)
     layers = dlm.drafter_cfg.feature_layers
     cache = FeatureCache(feature_cache_folder(cfg, parent, layers), parent, layers, dlm.feature_dim, examples)
     dlm.eval()

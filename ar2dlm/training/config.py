@@ -108,6 +108,8 @@ class ConvertConfig(TrainConfig):
                                              "(default: in the ar2dlm cache, by parent, data and layers)")
     anchors_per_sequence: int = option(64, "feature drafter: anchors (block starts) a micro-batch takes from one "
                                            "sequence at most")
+    draft_vocab: int = option(8192, "feature drafter: it drafts only the most frequent answer tokens of the data "
+                                    "(its LM head shrinks to them); 0 = the whole vocabulary")
     position_decay: float = option(0.8, "feature drafter: loss weight of draft k is decay^(k-1) (early drafts "
                                         "count most)")
 
@@ -138,6 +140,7 @@ class ConvertConfig(TrainConfig):
             (self.draft_layers >= 1 and self.feature_window >= 1 and self.anchors_per_sequence >= 1,
              "--draft-layers, --feature-window and --anchors-per-sequence must be >= 1"),
             (0 < self.position_decay <= 1, "--position-decay must be in (0, 1]"),
+            (self.draft_vocab >= 0, "--draft-vocab must be >= 0 (0: the whole vocabulary)"),
             (not (self.answers_from_parent and self.data == "self"),
              "--answers-from-parent needs a data file or dataset (data=self is already the parent's answers)"),
         ]

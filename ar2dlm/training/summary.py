@@ -17,6 +17,10 @@ def _kind(summary: dict) -> str:
     """What the run produced: a dLM of some block size, a distilled dLM, or a gated drafter."""
     if "trajectories" in summary:  # only distill records its trajectories
         return f"distilled dLM (block {' -> '.join(map(str, summary.get('block_sizes') or []))})"
+    if summary.get("drafter", {}).get("kind") == "feature":
+        d = summary["drafter"]
+        return (f"feature drafter ({d.get('num_layers')} layers on parent layers {d.get('feature_layers')}, "
+                f"block {summary.get('dlm', {}).get('block_size')})")
     if summary.get("drafter"):
         return f"gated drafter (LoRA rank {summary['drafter'].get('lora_rank')})"
     block = (summary.get("dlm") or {}).get("block_size")
@@ -52,9 +56,11 @@ def _drafter_line(summary: dict) -> str | None:
     before, after = drafter.get("before") or {}, drafter.get("after") or {}
     if after.get("tokens_per_verify_step") is None:
         return None
-    accs = " / ".join(f"{a:.0%}" for a in after.get("draft_acc") or [])
+    accs = after.get("draft_acc") or []
+    at = "/".join(f"+{k + 1}" for k in range(len(accs)))
     return (f"tokens per verify step {before.get('tokens_per_verify_step') or 1:.2f} -> "
-            f"{after['tokens_per_verify_step']:.2f} (draft accuracy at +1/+2/+3: {accs})")
+            f"{after['tokens_per_verify_step']:.2f} (draft accuracy at {at}: "
+            f"{' / '.join(f'{a:.0%}' for a in accs)})")
 
 
 def summary_lines(summary: dict) -> list[str]:
