@@ -175,3 +175,37 @@ def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch
     assert set(counts) <= set(joint)
     chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
     assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
+
+
+def test_other_policies_are_refused(models):
+    tok, _, drafter, _ = models
+    with pytest.raises(Ar2dlmError, match="feature drafter decodes with verify"):
+        Engine(drafter, tok).add_request(PROMPTS[0], DecodeParams(policy="threshold", max_new_tokens=4))
+
+
+def test_served_answers_are_the_parents(models, tmp_path):
+    """Through `serve`'s app and the real OpenAI client: the default decoding of a drafter (verify:auto+lookup)
+    answers with the parent's own text, streamed or not; a lossy policy is a 400."""
+    import openai
+
+    from ar2dlm.engine.params import AUTO
+    from ar2dlm.serving.app import create_app
+    from ar2dlm.serving.server import ServerThread
+    from ar2dlm.serving.settings import ServeSettings
+
+    tok, ar, drafter, _ = models
+    defaults = DecodeParams(policy="verify", draft_len=AUTO, lookup_drafts=True, max_new_tokens=12)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    from ar2dlm.engine import encode_prompt
+
+    want = Engine(ar, tok).generate(encode_prompt(tok, PROMPTS[0], chat=True),
+                                    DecodeParams(policy="ar", max_new_tokens=12))
+    engine = Engine(drafter, tok, max_running=4)
+    with ServerThread(create_app(engine, ServeSettings(model_name="fd", defaults=defaults))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        whole = client.chat.completions.create(model="fd", messages=messages)
+        assert whole.choices[0].message.content == want.text
+        chunks = client.chat.completions.create(model="fd", messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="fd", messages=messages, extra_body={"ar2dlm": {"policy": "threshold"}})

@@ -92,6 +92,10 @@ class Engine:
                     **overrides) -> str:
         """Queue a prompt (text or token ids); returns its id. It starts at the next step with a free cache row."""
         params = (params or DecodeParams()).replace(**overrides) if overrides else (params or DecodeParams())
+        if self.runner.feature_window and params.policy not in ("verify", "ar"):
+            raise Ar2dlmError(f"a feature drafter decodes with verify (the parent's exact output, drafted) or ar "
+                              f"(the parent alone), not {params.policy}: it is the unchanged parent plus a drafter, "
+                              f"not a block-diffusion model")
         ids = self._prompt_ids(prompt)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:

@@ -84,6 +84,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 DECODE_DEFAULTS = {"max_new_tokens": 128}
 DLM_POLICIES = "threshold:0.9,threshold:0.7,entropy:0.5"
 DRAFTER_POLICIES = "verify,verify:auto+lookup,verify:auto+all,threshold:0.9"
+FEATURE_DRAFTER_POLICIES = "verify,verify:auto+lookup"  # it has no mask block (+all) and is not a dLM (threshold)
 # The specs set the policy; every method decodes greedily, as HF generate does, so agreement means something.
 DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_parallel", "temperature", "top_p", "top_k",
                "seed", "stop_strings")
@@ -97,7 +98,8 @@ class DecodeBenchConfig:
     policies: str | None = field(default=None, metadata={
         "help": "comma-separated dLM decoding specs: threshold:TAU, entropy:NATS, steps:K (K tokens a forward), ar, "
                 "verify:DRAFTS (or verify:auto); a +bp suffix decodes multi-block, +all drafts for every acceptance "
-                f"length, +lookup fills missing drafts by prompt lookup (default: {DRAFTER_POLICIES} for a gated drafter, else {DLM_POLICIES})"})
+                f"length, +lookup fills missing drafts by prompt lookup (default: {DRAFTER_POLICIES} for a gated drafter, "
+                f"{FEATURE_DRAFTER_POLICIES} for a feature drafter, else {DLM_POLICIES})"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes (1 = one prompt at a time)"})
     block_parallel_too: bool = field(default=False, metadata={"help": "also run each policy with multi-block decoding"})
     prompt_lookup: int = field(default=10, metadata={
@@ -118,9 +120,9 @@ class DecodeBenchConfig:
         check_output_file(self.json_out, "--json-out")
         check_output_file(self.plot_out, "--plot-out")
 
-    def policy_specs(self, drafter: bool = False) -> list[DecodeParams]:
-        """The specs to run; without --policies, the default for the model (a gated drafter's include verify)."""
-        default = DRAFTER_POLICIES if drafter else DLM_POLICIES
+    def policy_specs(self, drafter: bool = False, feature: bool = False) -> list[DecodeParams]:
+        """The specs to run; without --policies, the default for the model (a drafter's include verify)."""
+        default = FEATURE_DRAFTER_POLICIES if feature else DRAFTER_POLICIES if drafter else DLM_POLICIES
         return parse_policy_specs(self.policies or default, self.block_parallel_too, self.decode)
 
     def batch_size_list(self) -> list[int]:
@@ -361,7 +363,8 @@ def run(cfg: DecodeBenchConfig) -> dict:
     prompts = load_prompts(cfg.prompts)
     device = resolve_device(cfg.device)
     models = _load_models(cfg, device)
-    specs = cfg.policy_specs(drafter=models.dlm.config.drafter)
+    specs = cfg.policy_specs(drafter=models.dlm.config.drafter,
+                             feature=getattr(models.dlm, "drafts_from_features", False))
     prompt_ids = _prompt_ids(prompts, models.tok, models.parent, models.parent_tok, cfg.decode.max_new_tokens)
     methods, lookup = _build_methods(cfg, specs, models, device)
     passes = _time_batch_sizes(methods, lookup, prompt_ids, batch_sizes, cfg.warmup, device)
