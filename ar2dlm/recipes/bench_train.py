@@ -5,6 +5,8 @@ alike, and the ratios to the AR step are printed with the raw numbers. The full 
 [noisy | clean] layout with gradients, so about twice the tokens pass through the network (target: a full dLM step
 at most 2.5x an AR step). The gated drafter's step runs the clean half once without gradients and back-propagates
 through the noisy half only (training/drafter_objective.py), with every block fully masked, as `convert --drafter`.
+The feature drafter's step (`convert --drafter-kind feature`) reads the parent's features, computed once per corpus
+(timed apart, as "parent features"), and takes every position as an anchor with a block of drafts after it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ar2dlm.utils.files import check_output_file, write_json
 # Dense bf16 peak FLOP/s of known accelerators, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 METHODS = {"ar": "AR fine-tuning", "dlm": "dLM conversion", "lora": "dLM LoRA conversion",
-           "drafter": "gated drafter"}
+           "drafter": "gated drafter", "feature": "feature drafter", "features": "parent features"}
 
 
 @dataclass
@@ -47,7 +49,9 @@ class TrainBenchConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     methods: str = field(default="ar,dlm,lora,drafter", metadata={
         "help": "steps to time, comma-separated: ar (AR fine-tuning), dlm (full dLM conversion), lora (LoRA dLM "
-                "conversion), drafter (gated drafter, convert --drafter)"})
+                "conversion), drafter (gated drafter, convert --drafter), feature (feature drafter, convert --drafter-kind "
+                "feature, on cached parent features; also times computing those once)"})
+    draft_vocab: int = field(default=8192, metadata={"help": "draft vocabulary of the feature drafter step"})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank of the lora and drafter steps"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto", "choices": ["auto", "cpu", "cuda"]})
     json_out: str | None = field(default=None, metadata={"help": "also write the results here"})
@@ -55,7 +59,7 @@ class TrainBenchConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2 * self.block_size or self.steps < 1 or self.warmup < 0:
             raise Ar2dlmError("need batch-size >= 1, seq-len >= 2 * block-size, steps >= 1, warmup >= 0")
-        unknown = [m for m in self.method_list if m not in METHODS]
+        unknown = [m for m in self.method_list if m not in METHODS or m == "features"]  # features: with feature
         if unknown or not self.method_list:
             raise Ar2dlmError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {self.methods!r}")
         if self.lora_rank < 1:
@@ -135,6 +139,31 @@ def _drafter_step(cfg, drafter, ids, autocast):
     return _optimizer_step(loss, build_optimizer(objective, 1e-6, 0.0))
 
 
+def _feature_steps(cfg, backbone, tokenizer, ids) -> dict:
+    """A feature drafter step as `convert --drafter-kind feature` takes it (every position an anchor), and the
+    one-off computation of the parent's features it reads."""
+    from ar2dlm.drafter.feature import FeatureDrafterLM
+    from ar2dlm.drafter.feature_training import FeatureObjective, anchor_positions, make_batch
+
+    drafter = FeatureDrafterLM.from_base(backbone, tokenizer, block_size=cfg.block_size,
+                                         draft_vocab=min(cfg.draft_vocab, len(tokenizer)))
+    drafter.set_draft_vocab(torch.arange(drafter.drafter_cfg.draft_vocab))
+    drafter.to(ids.device)
+    features = drafter.features_of(ids).half()
+    maskable = torch.ones(ids.shape[1], dtype=torch.bool)
+    sequences = [(ids[i].cpu(), maskable, features[i].cpu()) for i in range(ids.shape[0])]
+    picks = [(i, anchor_positions(maskable)) for i in range(ids.shape[0])]
+    objective = FeatureObjective(drafter.train())
+
+    def loss():
+        batch = make_batch(sequences, picks, drafter.drafter_cfg.window, cfg.block_size - 1, 0.8).to(ids.device)
+        total, _ = objective(*batch.args())
+        return total / max(batch.n_scored, 1)
+
+    return {"feature": _optimizer_step(loss, build_optimizer(objective, 1e-6, 0.0)),
+            "features": lambda: drafter.features_of(ids)}
+
+
 def _prepare(model, cfg, device):
     model.to(device).train()
     if device.type == "cuda":
@@ -167,6 +196,8 @@ def _step_functions(cfg: TrainBenchConfig, device: torch.device):
         elif name == "drafter":
             drafter = GatedDrafterLM.from_base(backbone, tokenizer, block_size=cfg.block_size, rank=cfg.lora_rank)
             steps[name] = _drafter_step(cfg, _prepare(drafter, cfg, device), ids, autocast)
+        elif name == "feature":
+            steps.update(_feature_steps(cfg, backbone, copy.deepcopy(tokenizer), ids))
         else:
             dlm = BlockDiffusionLM.from_base(backbone, tokenizer, block_size=cfg.block_size)
             if name == "lora":
@@ -207,7 +238,7 @@ def _print_result(cfg: TrainBenchConfig, result: dict) -> None:
     print(f"model {cfg.model} ({result['params'] / 1e6:.0f}M params) on {result['device']}, batch {cfg.batch_size} "
           f"x {cfg.seq_len} tokens, block {cfg.block_size}, median of {cfg.steps} steps")
     print(f"{'':<22}{'step (s)':>10}{'tokens/s':>12}{'x AR step':>11}")
-    for key in cfg.method_list:
+    for key in [k for k in METHODS if k in result]:
         ratio = result["over_ar_step_time"].get(key)
         extra = f"  MFU {result[key]['mfu']:.1%}" if "mfu" in result[key] else ""
         print(f"{METHODS[key]:<22}{result[key]['step_s']:>10.3f}{result[key]['tokens_per_s']:>12.0f}"

@@ -29,6 +29,8 @@ def test_bad_methods_are_refused():
         TrainBenchConfig(methods="ar,medusa")
     with pytest.raises(Ar2dlmError, match="--methods"):
         TrainBenchConfig(methods=",")
+    with pytest.raises(Ar2dlmError, match="--methods"):
+        TrainBenchConfig(methods="features")  # timed with `feature`, not on its own
     assert TrainBenchConfig(methods="drafter, ar").method_list == ["drafter", "ar"]
 
 
@@ -38,12 +40,13 @@ def test_every_method_is_timed_on_a_tiny_model(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     cfg = TrainBenchConfig(model=str(tiny_base(tmp_path)), batch_size=2, seq_len=32, steps=2, warmup=1,
-                           device="cpu", lora_rank=4, json_out=str(out))
+                           device="cpu", lora_rank=4, json_out=str(out), methods="ar,dlm,lora,drafter,feature",
+                           draft_vocab=64)
     result = run(cfg)
-    for name in ("ar", "dlm", "lora", "drafter"):
+    for name in ("ar", "dlm", "lora", "drafter", "feature", "features"):
         assert len(result[name]["steps"]) == 2 and result[name]["tokens_per_s"] > 0, name
         assert result["over_ar_step_time"][name] > 0
     assert result["dlm_over_ar_step_time"] == result["over_ar_step_time"]["dlm"]
     printed = capsys.readouterr().out
-    assert "gated drafter" in printed and "dLM LoRA conversion" in printed
+    assert "gated drafter" in printed and "dLM LoRA conversion" in printed and "feature drafter" in printed
     assert out.is_file()
