@@ -1,4 +1,4 @@
-"""Put a finished `ar2dlm convert --drafter` run into the package as a shipped dLM (default: smollm2-135m-dlm).
+"""Put a finished `ar2dlm convert --drafter` run (gated or feature drafter) into the package as a shipped dLM (default: smollm2-135m-dlm).
 
     python scripts/ship_drafter.py RUN_FOLDER [--name smollm2-135m-dlm] [--dest ar2dlm/drafters] [--plot-out PNG]
 
@@ -99,6 +99,7 @@ def ship(run: Path, name: str, dest: Path) -> Path:
 
     from ar2dlm.errors import Ar2dlmError
     from ar2dlm.model.dlm import BlockDiffusionLM
+    from ar2dlm.drafter.feature import FeatureDrafterLM
     from ar2dlm.model.drafter import GatedDrafterLM
     from ar2dlm.utils.files import atomic_dir
 
@@ -106,8 +107,8 @@ def ship(run: Path, name: str, dest: Path) -> Path:
     if not config.get("drafter") or not (run / "summary.json").is_file():
         raise Ar2dlmError(f"{run} is not a finished drafter run (config.json with drafter: true, summary.json)")
     model, tokenizer = BlockDiffusionLM.from_pretrained(run / "model")
-    if not isinstance(model, GatedDrafterLM):
-        raise Ar2dlmError(f"{run / 'model'} is not a gated drafter")
+    if not isinstance(model, (GatedDrafterLM, FeatureDrafterLM)):
+        raise Ar2dlmError(f"{run / 'model'} is not a drafter (gated or feature)")
     curve = acceptance_curve(run / "metrics.jsonl")
     tokens = curve[-1]["training_tokens"] if curve else 0
     prior = started_from(config)

@@ -180,7 +180,6 @@ class FeatureDrafterLM(BlockDiffusionLM):
             self.drafter.norm.copy_(backbone.get_decoder().norm.weight)
         # the draft vocabulary (its token ids; all tokens until set_draft_vocab) and its rows of the parent's head
         self.register_buffer("draft_vocab", torch.zeros(drafter_cfg.draft_vocab, dtype=torch.long))
-        self._draft_head = None
 
     def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
         """Draft only these tokens: the LM head shrinks to their rows (the drafts' head costs K / V of the full one),
@@ -190,21 +189,31 @@ class FeatureDrafterLM(BlockDiffusionLM):
             raise Ar2dlmError(f"a draft vocabulary of {self.drafter_cfg.draft_vocab} tokens was configured, got "
                               f"{token_ids.numel()}")
         self.draft_vocab = token_ids.to(self.mask_embedding.device)
-        self._draft_head = None
+        self.__dict__.pop("_draft_head_key", None)
 
-    def draft_head(self) -> torch.Tensor:
-        """The LM-head rows of the draft vocabulary [K, H] (taken once from the frozen parent head)."""
-        weight = self.backbone.get_output_embeddings().weight
-        if self._draft_head is None or self._draft_head.device != weight.device or \
-                self._draft_head.dtype != weight.dtype:
-            self._draft_head = weight.detach()[self.draft_vocab.to(weight.device)].contiguous()
-        return self._draft_head
+    def draft_head(self) -> nn.Linear:
+        """The LM-head rows of the draft vocabulary as a frozen linear layer [H -> K], taken once from the parent's
+        head (of its class too: a oneDNN-packed head, `model/packed_linear.py`, makes a packed draft head). Kept off
+        the module tree: it is derived, never saved or trained."""
+        parent = self.backbone.get_output_embeddings()
+        weight = parent.weight
+        key = (weight.device, weight.dtype, type(parent), weight._version)
+        if self.__dict__.get("_draft_head_key") != key:
+            head = nn.Linear(weight.shape[1], self.draft_vocab.numel(), bias=False, device=weight.device,
+                             dtype=weight.dtype)
+            head.weight.requires_grad_(False)
+            with torch.no_grad():
+                head.weight.copy_(weight[self.draft_vocab.to(weight.device)])
+            if isinstance(parent, nn.Linear):
+                head.__class__ = type(parent)
+            self.__dict__["_draft_head"], self.__dict__["_draft_head_key"] = head, key
+        return self.__dict__["_draft_head"]
 
     def draft_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary [..., K] (the full vocabulary, mask token ruled out, when it is all)."""
         if not self.drafter_cfg.draft_vocab:
             return self.logits(hidden)
-        return hidden @ self.draft_head().t()
+        return self.draft_head()(hidden)
 
     def to_draft_vocab(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> their index in the draft vocabulary (-1 outside it); identity when it is all tokens."""
@@ -244,10 +253,16 @@ class FeatureDrafterLM(BlockDiffusionLM):
 
     # ------------------------------------------------------------------------------------------ the draft side
     def _rotary(self, length: int):
-        decoder = self.backbone.get_decoder()
-        pos = torch.arange(length, device=self.device)[None]
-        cos, sin = decoder.rotary_emb(self.mask_embedding[None, None], pos)
-        return cos[:, :, None, :].to(self.mask_embedding.dtype), sin[:, :, None, :].to(self.mask_embedding.dtype)
+        """RoPE cos/sin [1, length, 1, D] of the local positions 0..length-1 (the same every call: cached)."""
+        cache = self.__dict__.setdefault("_rotary_cache", {})
+        key = (length, self.device, self.mask_embedding.dtype)
+        if key not in cache:
+            with torch.no_grad():
+                pos = torch.arange(length, device=self.device)[None]
+                cos, sin = self.backbone.get_decoder().rotary_emb(self.mask_embedding[None, None], pos)
+            dtype = self.mask_embedding.dtype
+            cache[key] = (cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype))
+        return cache[key]
 
     def draft_hidden(self, features: torch.Tensor, valid: torch.Tensor, anchors: torch.Tensor,
                      drafts: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -310,7 +325,7 @@ class FeatureDrafterLM(BlockDiffusionLM):
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k].to(v.dtype))
-        self._draft_head = None
+        self.__dict__.pop("_draft_head_key", None)
 
 
 def is_feature_drafter_folder(path: str | os.PathLike) -> bool:
