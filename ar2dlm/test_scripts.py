@@ -105,9 +105,9 @@ def test_ship_drafter_packs_a_finished_run_in_half_precision(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from ar2dlm.model.dlm import BlockDiffusionLM
-    from ar2dlm.model.drafter import GatedDrafterLM
+    from ar2dlm.drafter.gated import GatedDrafterLM
     from ar2dlm.model.loading import load_base
+    from ar2dlm.model.open import load_dlm
     from ar2dlm.testing import tiny_base
     from ar2dlm.training.config import ConvertConfig
 
@@ -138,7 +138,7 @@ def test_ship_drafter_packs_a_finished_run_in_half_precision(tmp_path):
     assert record["curve"][-1]["tokens_per_verify_step"] == 1.6 and record["training_tokens"] == 900
     with safe_open(str(folder / "drafter.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-    loaded, _ = BlockDiffusionLM.from_pretrained(folder)
+    loaded, _ = load_dlm(folder)
     assert isinstance(loaded, GatedDrafterLM) and loaded.mask_embedding.dtype == torch.float32
 
     # a run that continued the shipped drafter replaces it and keeps its record as where it started from

@@ -97,16 +97,16 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
 def ship(run: Path, name: str, dest: Path) -> Path:
     import torch
 
-    from ar2dlm.errors import Ar2dlmError
-    from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.drafter.feature import FeatureDrafterLM
-    from ar2dlm.model.drafter import GatedDrafterLM
+    from ar2dlm.drafter.gated import GatedDrafterLM
+    from ar2dlm.errors import Ar2dlmError
+    from ar2dlm.model.open import load_dlm
     from ar2dlm.utils.files import atomic_dir
 
     config = json.loads((run / "config.json").read_text())
     if not config.get("drafter") or not (run / "summary.json").is_file():
         raise Ar2dlmError(f"{run} is not a finished drafter run (config.json with drafter: true, summary.json)")
-    model, tokenizer = BlockDiffusionLM.from_pretrained(run / "model")
+    model, tokenizer = load_dlm(run / "model")
     if not isinstance(model, (GatedDrafterLM, FeatureDrafterLM)):
         raise Ar2dlmError(f"{run / 'model'} is not a drafter (gated or feature)")
     curve = acceptance_curve(run / "metrics.jsonl")

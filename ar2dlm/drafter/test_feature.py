@@ -12,11 +12,12 @@ import torch
 
 from ar2dlm.drafter.feature import FeatureDrafterLM, is_feature_drafter_folder
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.policies import Sampling, filtered_probs
 from ar2dlm.engine.runner import ModelRunner
+from ar2dlm.engine.sampling import Sampling, filtered_probs
 from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.open import load_dlm
 from ar2dlm.testing import tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
@@ -126,7 +127,7 @@ def test_save_and_load_keep_the_drafter(models, tmp_path, monkeypatch):
     import ar2dlm.model.loading as loading
 
     monkeypatch.setattr(loading, "load_base", lambda spec, dtype=None, device="cpu": (copy.deepcopy(parent), tok))
-    loaded, _ = BlockDiffusionLM.from_pretrained(path)
+    loaded, _ = load_dlm(path)
     for (name, a), b in zip(drafter.drafter_state().items(), loaded.drafter_state().values()):
         assert torch.equal(a, b), name
     feats = torch.randn(2, 6, drafter.feature_dim)

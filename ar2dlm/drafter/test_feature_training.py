@@ -20,7 +20,7 @@ from ar2dlm.drafter.feature_cache import FeatureCache
 from ar2dlm.drafter.feature_training import anchor_positions, draft_vocabulary, make_batch
 from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import BlockDiffusionLM
+from ar2dlm.model.open import load_dlm
 from ar2dlm.recipes.convert import run
 from ar2dlm.testing import tiny_base
 from ar2dlm.training.config import ConvertConfig
@@ -54,8 +54,8 @@ def test_training_learns_and_the_drafter_decodes_as_the_parent(setup):
     assert drafter["kind"] == "feature" and drafter["draft_vocab"] > 0
     assert summary["heldout_after"]["heldout_loss"] < summary["heldout_before"]["heldout_loss"]
     assert drafter["after"]["tokens_per_verify_step"] > drafter["before"]["tokens_per_verify_step"]
-    dlm, tok = BlockDiffusionLM.from_pretrained(root / "run" / "model")
-    parent, _ = BlockDiffusionLM.from_pretrained(root / "run" / "model")
+    dlm, tok = load_dlm(root / "run" / "model")
+    parent, _ = load_dlm(root / "run" / "model")
     vocab = set(dlm.draft_vocab.tolist())
     engine = Engine(dlm, tok)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Question 1?"}], add_generation_prompt=True,

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ar2dlm.engine.plan import Plan
-from ar2dlm.engine.policies import Policy, Sampling
+from ar2dlm.engine.policies import Policy
+from ar2dlm.engine.sampling import Sampling
 
 if TYPE_CHECKING:
     from ar2dlm.engine.params import DecodeParams

@@ -19,7 +19,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, Policy, Sampling, make_policy
+from ar2dlm.engine.policies import DEFAULT_TAU, POLICIES, Policy, make_policy
+from ar2dlm.engine.sampling import Sampling
 from ar2dlm.errors import Ar2dlmError
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.policies import (ArPolicy, EntropyPolicy, Proposal, Sampling, StepsPolicy, ThresholdPolicy,
-                                      make_policy, propose)
+from ar2dlm.engine.policies import (ArPolicy, EntropyPolicy, Proposal, StepsPolicy, ThresholdPolicy, make_policy,
+                                      propose)
 from ar2dlm.engine.reference import reference_generate
+from ar2dlm.engine.sampling import Sampling
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
 from ar2dlm.testing import record_forwards, tiny_model, tiny_tokenizer

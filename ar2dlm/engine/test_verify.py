@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.policies import Sampling
+from ar2dlm.engine.sampling import Sampling
 from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
@@ -179,7 +179,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
 
 def test_gated_drafter_verify_is_exactly_the_parent(tok, parent_and_dlm):
     """A gated drafter whose adapter is far from zero: its drafts change, its output stays the parent's."""
-    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+    from ar2dlm.drafter.gated import GatedDrafterLM, GatedLoRALinear
 
     parent, _ = parent_and_dlm
     drafter = GatedDrafterLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4, rank=4)
@@ -208,7 +208,7 @@ def test_gated_drafter_verify_is_exactly_the_parent(tok, parent_and_dlm):
 
 
 def _random_adapter_drafter(tok, scale: float = 0.5):
-    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+    from ar2dlm.drafter.gated import GatedDrafterLM, GatedLoRALinear
 
     drafter = GatedDrafterLM.from_base(tiny_model("llama", seed=3, vocab_size=len(tok)), tok, block_size=4, rank=4)
     torch.manual_seed(0)
@@ -275,7 +275,7 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
     come from a fixed distribution over the tokens the AR model may pick second (a random adapter's drafts would
     never be among its top 3), so both acceptance and rejection happen. With `lookup` the first forward checks a
     looked-up draft of the first token instead (a deterministic proposal: one-hot q)."""
-    from ar2dlm.engine.policies import filtered_probs
+    from ar2dlm.engine.sampling import filtered_probs
 
     drafter = _random_adapter_drafter(tok)
     ids = tok(PROMPTS[0])["input_ids"]

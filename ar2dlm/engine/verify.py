@@ -4,7 +4,7 @@ A sequence keeps its committed tokens (the prompt and everything accepted) and a
 after them. One forward feeds, at consecutive positions:
 
 * clean, token-causal: the last committed token (the one not in the cache yet) and the drafts. Their logits are the
-  AR model's own next-token logits: with a gated drafter (`ar2dlm.model.drafter`) clean positions run the unchanged
+  AR model's own next-token logits: with a gated drafter (`ar2dlm.drafter.gated`) clean positions run the unchanged
   parent, bit for bit; with a full dLM they are that model's AR head, *not* its parent;
 * `draft_len + 1` mask tokens right after them, which see the clean positions and each other. With token shift the
   last clean position predicts the first mask position's token (the AR model's own next token) and every mask
@@ -42,7 +42,7 @@ import torch
 
 from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.plan import Plan
-from ar2dlm.engine.policies import Sampling, filtered_probs
+from ar2dlm.engine.sampling import Sampling, filtered_probs
 from ar2dlm.errors import Ar2dlmError
 
 

@@ -106,7 +106,7 @@ def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str 
 
 
 # ------------------------------------------------------------------------------------------------- drafter layout
-# A gated drafter (ar2dlm.model.drafter) keeps its clean stream exactly the AR parent's function, so clean queries are
+# A gated drafter (ar2dlm.drafter.gated) keeps its clean stream exactly the AR parent's function, so clean queries are
 # token-causal (a clean query sees clean keys at positions <= its own), not block-causal as in the dLM layout above.
 # Noisy (mask) queries keep the dLM rule: their own block both ways, and the clean keys of earlier blocks.
 

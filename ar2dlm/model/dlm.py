@@ -3,8 +3,9 @@
 A saved dLM is a normal Hugging Face checkpoint of its backbone (safetensors, tokenizer with the mask token added)
 whose config.json carries an extra `dlm` entry ({block_size, mask_token_id, token_shift}). A LoRA-converted dLM is a
 peft adapter plus the mask-token embedding row and a `dlm_config.json` naming its base model; it loads on top of that
-base. A gated drafter (model/drafter.py) is an adapter folder as well, loaded unmerged. Each loads with
-`BlockDiffusionLM.from_pretrained(path)` and nothing but ar2dlm installed.
+base. Each loads with `BlockDiffusionLM.from_pretrained(path)` and nothing but ar2dlm installed. A drafter folder
+(ar2dlm/drafter/: gated or feature) is a small folder on top of its parent as well, loaded unmerged by
+`ar2dlm.model.open.load_dlm(path)`, which loads any of these.
 
 Token shift: on, the logit at position i predicts token i+1, so the AR head keeps its job (cheap conversion); the
 first token of a block is then predicted by the clean copy's last position of the previous block, which at decode
@@ -57,7 +58,7 @@ class DLMConfig:
     mask_token_id: int = -1
     token_shift: bool = True
     base_model: str | None = None  # the AR parent (embedded name, path or hub id), for side-by-side comparisons
-    # A gated drafter (ar2dlm.model.drafter) leaves its parent intact: clean positions are the parent's own
+    # A gated drafter (ar2dlm.drafter.gated) leaves its parent intact: clean positions are the parent's own
     # token-causal function, and only mask positions run the trained adapter. A full dLM's clean copy is block-causal.
     drafter: bool = False
     clean_attention: str = "block_causal"  # or "token_causal"
@@ -72,6 +73,16 @@ class DLMConfig:
     def from_dict(cls, d: dict) -> "DLMConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def is_drafter_checkpoint(path: str | os.PathLike) -> bool:
+    """A saved drafter folder (gated or feature): its `dlm_config.json` settings say `drafter: true`. It loads on
+    top of its parent through `ar2dlm.model.open.load_dlm`, not `BlockDiffusionLM.from_pretrained`."""
+    try:
+        meta = json.loads((Path(path) / DLM_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("dlm"), dict) and bool(meta["dlm"].get("drafter"))
 
 
 def _set_mean_row(backbone: nn.Module, row: int, n_real: int | None = None) -> None:
@@ -309,8 +320,8 @@ class BlockDiffusionLM(nn.Module):
         cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
         merge_lora: bool = True,
     ) -> tuple["BlockDiffusionLM", object]:
-        """Load a saved dLM (full, LoRA, gated or feature drafter; a folder or a shipped dLM's name) and its
-        tokenizer."""
+        """Load a saved full or LoRA dLM (a folder or a shipped dLM's name) and its tokenizer. A drafter folder
+        (gated or feature) is refused: `ar2dlm.model.open.load_dlm` loads any of them."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ar2dlm.model.loading import resolve_dlm_path
@@ -318,13 +329,8 @@ class BlockDiffusionLM(nn.Module):
         path = resolve_dlm_path(path)
         if not path.is_dir():
             raise Ar2dlmError(f"no dLM checkpoint at {path}")
-        from ar2dlm.drafter import feature
-        from ar2dlm.model import drafter
-
-        if feature.is_feature_drafter_folder(path):  # the unchanged parent plus a drafter on its hidden states
-            return feature.load_feature_drafter(path, dtype=dtype, device=device)
-        if drafter.is_drafter_folder(path):  # gated: never merged, the gate keeps clean positions on the parent
-            return drafter.load_drafter(path, dtype=dtype, device=device)
+        if is_drafter_checkpoint(path):
+            raise Ar2dlmError(f"{path} is a drafter folder: load it with ar2dlm.model.open.load_dlm")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (path / ADAPTER_CONFIG_FILE).exists():
             from peft import PeftModel

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
+from ar2dlm.drafter.gated import GatedDrafterLM, GatedLoRALinear
 from ar2dlm.model.packed_linear import pack_weight, packed_linear
 
 FUSABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -1,22 +1,48 @@
 """Opening a model to decode with, the AR parent it came from, and the length of its context window.
 
-Every command that decodes takes the same model argument: a converted dLM folder (full checkpoint, LoRA adapter or
-gated drafter) or any AR model spec (embedded name, folder, `.gguf`, hub id). An AR model runs as a block-size-1
-dLM, which is exactly the AR model (the `ar` policy reproduces its greedy decoding), so one engine serves both and
-the parent of a comparison can be decoded the same way as its child. The wrapped AR model records itself as its
-parent: a plain AR model compared with "its parent" is compared with itself.
+Every command that decodes takes the same model argument: a converted dLM folder (full checkpoint, LoRA adapter,
+gated or feature drafter) or any AR model spec (embedded name, folder, `.gguf`, hub id). An AR model runs as a
+block-size-1 dLM, which is exactly the AR model (the `ar` policy reproduces its greedy decoding), so one engine
+serves both and the parent of a comparison can be decoded the same way as its child. The wrapped AR model records
+itself as its parent: a plain AR model compared with "its parent" is compared with itself.
+
+`load_dlm` is the one loader of a saved dLM of any kind (full, LoRA, gated or feature drafter). It sits here, above
+the dLM class, so that `ar2dlm.model.dlm` never imports the drafters built on it (`ar2dlm.drafter`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import torch
+
+from ar2dlm.drafter import feature, gated
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, DLM_CONFIG_FILE, BlockDiffusionLM
+from ar2dlm.model.dlm import ADAPTER_CONFIG_FILE, DLM_CONFIG_FILE, BlockDiffusionLM, is_drafter_checkpoint
 
 MODEL_SPEC_HELP = ("dLM folder or shipped dLM name (smollm2-135m-dlm); a plain AR model (folder, .gguf, embedded "
                    "name, hub id) runs as a block-size-1 dLM (use it with --policy ar)")
+
+
+def load_dlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             merge_lora: bool = True) -> tuple[BlockDiffusionLM, object]:
+    """Load a saved dLM (full, LoRA, gated or feature drafter; a folder or a shipped dLM's name) and its
+    tokenizer. `merge_lora` applies to a LoRA dLM only: a drafter is never merged."""
+    from ar2dlm.model.loading import resolve_dlm_path
+
+    path = resolve_dlm_path(path)
+    if not path.is_dir():
+        raise Ar2dlmError(f"no dLM checkpoint at {path}")
+    if feature.is_feature_drafter_folder(path):  # the unchanged parent plus a drafter on its hidden states
+        return feature.load_feature_drafter(path, dtype=dtype, device=device)
+    if gated.is_drafter_folder(path):  # gated: never merged, the gate keeps clean positions on the parent
+        return gated.load_drafter(path, dtype=dtype, device=device)
+    if is_drafter_checkpoint(path):
+        raise Ar2dlmError(f"{path} is a drafter folder without its weights ({gated.DRAFTER_WEIGHTS_FILE} or "
+                          f"{feature.WEIGHTS_FILE})")
+    return BlockDiffusionLM.from_pretrained(path, dtype=dtype, device=device, merge_lora=merge_lora)
 
 
 def is_dlm_folder(path: str | Path) -> bool:
@@ -62,7 +88,7 @@ def open_for_decoding(spec: str, device=None, what: str = "model"):
     check_not_run_folder(spec, "--model" if what == "model" else what)
     target = "cpu" if device is None else device
     if is_dlm_folder(path):
-        dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=target)
+        dlm, tokenizer = load_dlm(path, device=target)
         return dlm.eval(), tokenizer, True
     backbone, tokenizer = load_base(spec, device=target)
     dlm = BlockDiffusionLM.from_base(backbone, tokenizer, block_size=1, base_model=spec)

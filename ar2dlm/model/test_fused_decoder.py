@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ar2dlm.drafter.gated import GatedDrafterLM
+from ar2dlm.drafter.test_gated import randomize_adapter
 from ar2dlm.engine.runner import ModelRunner
 from ar2dlm.model.dlm import BlockDiffusionLM
-from ar2dlm.model.drafter import GatedDrafterLM
 from ar2dlm.model.fused_decoder import fused_decoder_for, unfusable_reason
 from ar2dlm.model.packed_linear import onednn_available
-from ar2dlm.model.test_drafter import randomize_adapter
 from ar2dlm.testing import tiny_model, tiny_tokenizer
 
 KERNELS = ["default"] + (["onednn"] if onednn_available() else [])

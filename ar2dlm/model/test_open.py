@@ -8,7 +8,8 @@ import torch
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, DLMConfig
 from ar2dlm.model.loading import load_base
-from ar2dlm.model.open import check_not_run_folder, context_length, is_dlm_folder, open_for_decoding, parent_spec
+from ar2dlm.model.open import (check_not_run_folder, context_length, is_dlm_folder, load_dlm, open_for_decoding,
+                               parent_spec)
 from ar2dlm.testing import tiny_base
 
 
@@ -76,8 +77,8 @@ def test_context_length_of_a_dlm_a_model_and_a_config(folders):
 def test_a_shipped_dlm_name_opens_its_folder_in_the_package(folders, monkeypatch):
     """A name in EMBEDDED_DLMS stands for its folder under the package root, wherever a dLM folder is accepted; a
     half-precision drafter loads back into a float32 model within half-precision rounding."""
+    from ar2dlm.drafter.gated import GatedDrafterLM
     from ar2dlm.model import loading
-    from ar2dlm.model.drafter import GatedDrafterLM
 
     model, tok = load_base(str(folders["base"]))
     drafter = GatedDrafterLM.from_base(model, tok, block_size=4, base_model=str(folders["base"]), rank=2)
@@ -91,7 +92,7 @@ def test_a_shipped_dlm_name_opens_its_folder_in_the_package(folders, monkeypatch
     dlm, _, is_dlm = open_for_decoding("tiny-dlm")
     assert is_dlm and dlm.mask_embedding.dtype == torch.float32
     torch.testing.assert_close(dlm.mask_embedding, drafter.mask_embedding.half().float())
-    assert BlockDiffusionLM.from_pretrained("tiny-dlm")[0].config.block_size == 4
+    assert load_dlm("tiny-dlm")[0].config.block_size == 4
     with pytest.raises(Ar2dlmError, match="missing"):
         open_for_decoding("gone-dlm")
 

@@ -260,15 +260,14 @@ class _Models(NamedTuple):
 def _load_models(cfg: DecodeBenchConfig, device: torch.device) -> _Models:
     """The dLM, the AR parent for HF generate, and a second copy of the parent wrapped as a block-size-1 dLM for our
     engine (wrapping adds the mask token's row, which must not touch HF generate's model)."""
-    from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.model.loading import load_base, resolve_dlm_path
-    from ar2dlm.model.open import check_not_run_folder, open_for_decoding, parent_spec
+    from ar2dlm.model.open import check_not_run_folder, load_dlm, open_for_decoding, parent_spec
 
     path = resolve_dlm_path(cfg.model)
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM folder at {cfg.model}")
     check_not_run_folder(cfg.model)
-    dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, device=device)
+    dlm, tokenizer = load_dlm(path, device=device)
     base_name = parent_spec(dlm, cfg.base)
     parent, parent_tok = load_base(base_name, device=device)
     wrapped, wrapped_tok, _ = open_for_decoding(base_name, device=device, what="AR parent")

@@ -4,7 +4,7 @@ The steps are timed in alternation in one process (AR, dLM, LoRA, drafter, AR, .
 alike, and the ratios to the AR step are printed with the raw numbers. The full and LoRA dLM steps run the 2L
 [noisy | clean] layout with gradients, so about twice the tokens pass through the network (target: a full dLM step
 at most 2.5x an AR step). The gated drafter's step runs the clean half once without gradients and back-propagates
-through the noisy half only (training/drafter_objective.py), with every block fully masked, as `convert --drafter`.
+through the noisy half only (drafter/gated_objective.py), with every block fully masked, as `convert --drafter`.
 The feature drafter's step (`convert --drafter-kind feature`) reads the parent's features, computed once per corpus
 (timed apart, as "parent features"), and takes every position as an anchor with a block of drafts after it.
 """
@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ar2dlm.drafter.gated import GatedDrafterLM
+from ar2dlm.drafter.gated_objective import DrafterObjective, drafter_scored, full_blocks
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
-from ar2dlm.model.drafter import GatedDrafterLM
 from ar2dlm.model.loading import load_base
-from ar2dlm.training.drafter_objective import DrafterObjective, drafter_scored, full_blocks
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
 from ar2dlm.utils.cli_config import add_dataclass_args, dataclass_from_args

@@ -99,13 +99,12 @@ def _threshold_summary(rows: list[dict], k: int, tau: float) -> dict:
 
 @torch.no_grad()
 def run(cfg: CompareConfig) -> dict:
-    from ar2dlm.model.dlm import BlockDiffusionLM
     from ar2dlm.model.loading import load_base
-    from ar2dlm.model.open import check_not_run_folder, parent_spec
+    from ar2dlm.model.open import check_not_run_folder, load_dlm, parent_spec
 
     prompts = load_prompts(cfg.prompts)  # before the models load; an empty file would divide by zero below
     check_not_run_folder(cfg.model)
-    dlm, tokenizer = BlockDiffusionLM.from_pretrained(cfg.model)
+    dlm, tokenizer = load_dlm(cfg.model)
     dlm.eval()
     base_name = parent_spec(dlm, cfg.base)
     parent, _ = load_base(base_name)

@@ -3,7 +3,7 @@
 One path for the data: records -> examples (tokens + which are maskable) -> padded batches -> noised batches
 ([noisy | clean] layout) -> summed masked-token cross-entropy -> per-token mean over the global batch.
 
-With --drafter the same job trains a gated drafter instead (training/drafter_job.py): the parent stays frozen and
+With --drafter the same job trains a gated drafter instead (drafter/gated_training.py): the parent stays frozen and
 exact, the loss is the drafter objective's, and the held-out check adds the drafts a verify decoder would accept.
 With --drafter-kind feature it trains a feature drafter on the parent's cached hidden states
 (drafter/feature_training.py).
@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 
 from ar2dlm.data.batching import Batcher, iter_batches
-from ar2dlm.drafter import feature_training
 from ar2dlm.data.tokenize import DataConfig, load_examples, split_heldout
+from ar2dlm.drafter import feature_training
+from ar2dlm.drafter.gated_eval import DrafterTrainer
+from ar2dlm.drafter.gated_objective import DrafterObjective
+from ar2dlm.drafter.gated_training import drafter_heldout, drafter_micro, drafter_summary, prepare_drafter
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import load_base, resolve_model_source
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig
-from ar2dlm.training.drafter_eval import DrafterTrainer
-from ar2dlm.training.drafter_job import drafter_heldout, drafter_micro, drafter_summary, prepare_drafter
-from ar2dlm.training.drafter_objective import DrafterObjective
 from ar2dlm.training.loss import DiffusionObjective, scorable
 from ar2dlm.training.optim import build_optimizer
 from ar2dlm.training.runs import complete_run, finish_run, prepare_dlm, print_summary

@@ -24,7 +24,7 @@ from ar2dlm.distillation.trajectories import RANK_BY, Trajectory, read_trajector
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.loading import resolve_dlm_path
-from ar2dlm.model.open import check_not_run_folder, parent_spec
+from ar2dlm.model.open import check_not_run_folder, load_dlm, parent_spec
 from ar2dlm.training import distributed
 from ar2dlm.training.config import ConvertConfig, TrainConfig, option
 from ar2dlm.training.optim import build_optimizer
@@ -189,7 +189,7 @@ def prepare_trajectories(cfg: DistillConfig, dlm: BlockDiffusionLM, tokenizer, i
             teacher = dlm
             if cfg.teacher:
                 check_not_run_folder(cfg.teacher, "--teacher")
-                teacher, _ = BlockDiffusionLM.from_pretrained(cfg.teacher, device=dlm.device)
+                teacher, _ = load_dlm(cfg.teacher, device=dlm.device)
                 if teacher.config.block_size != dlm.config.block_size:
                     raise Ar2dlmError(f"teacher block size {teacher.config.block_size} != student's "
                                       f"{dlm.config.block_size}")
@@ -224,7 +224,7 @@ def _load_student(cfg: DistillConfig, path: Path, device):
     if not path.is_dir():
         raise Ar2dlmError(f"no dLM checkpoint at {path} (convert a model first: ar2dlm convert)")
     check_not_run_folder(cfg.model)
-    dlm, tokenizer = BlockDiffusionLM.from_pretrained(path, merge_lora=not cfg.lora_rank, device=device)
+    dlm, tokenizer = load_dlm(path, merge_lora=not cfg.lora_rank, device=device)
     if cfg.lora_rank and not dlm.is_lora:
         dlm.config.base_model = str(path.resolve())  # the adapter then loads on top of the student checkpoint
     return dlm, tokenizer

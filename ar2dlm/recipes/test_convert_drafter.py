@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ar2dlm.drafter.gated import DRAFTER_WEIGHTS_FILE, GatedDrafterLM
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import BlockDiffusionLM
-from ar2dlm.model.drafter import DRAFTER_WEIGHTS_FILE, GatedDrafterLM
 from ar2dlm.model.loading import load_base
+from ar2dlm.model.open import load_dlm
 from ar2dlm.recipes.convert import run
 from ar2dlm.testing import tiny_base
 from ar2dlm.training.config import ConvertConfig
@@ -69,7 +69,7 @@ def test_drafter_conversion_end_to_end(setup):
     assert "heldout_draft_acc_1" in rows[0] and "heldout_draft_accepted" in rows[-1]
 
     # the trained adapter changed, and the clean positions are still the parent's, exactly
-    model, _ = BlockDiffusionLM.from_pretrained(out / "model")
+    model, _ = load_dlm(out / "model")
     assert isinstance(model, GatedDrafterLM)
     assert any(v.abs().sum() > 0 for k, v in load_file(out / "model" / DRAFTER_WEIGHTS_FILE).items()
                if k.endswith("lora_B"))

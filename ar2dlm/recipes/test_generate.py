@@ -89,8 +89,8 @@ def test_a_gated_drafter_generates_the_parents_text_by_default(tmp_path, capsys)
     import torch
 
     from ar2dlm.cli import main
+    from ar2dlm.drafter.gated import GatedDrafterLM, GatedLoRALinear
     from ar2dlm.engine import Engine
-    from ar2dlm.model.drafter import GatedDrafterLM, GatedLoRALinear
     from ar2dlm.model.loading import load_base
     from ar2dlm.model.open import open_for_decoding
     from ar2dlm.testing import tiny_base

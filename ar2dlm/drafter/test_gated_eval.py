@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ar2dlm.model.drafter import GatedDrafterLM
+from ar2dlm.drafter.gated import GatedDrafterLM
+from ar2dlm.drafter.gated_eval import DraftProbe, anchors_of, build_probes, draft_acceptance, greedy_rollout
 from ar2dlm.testing import tiny_model, tiny_tokenizer
-from ar2dlm.training.drafter_eval import DraftProbe, anchors_of, build_probes, draft_acceptance, greedy_rollout
 
 BLOCK = 4
 

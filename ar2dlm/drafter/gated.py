@@ -8,7 +8,7 @@ get the trained path and draft the tokens after the clean prefix, which a verify
 parent's own logits at the clean positions of the same forward.
 
 Saved as a small adapter folder (LoRA weights and the mask row in one safetensors file, `dlm_config.json` naming the
-parent); `BlockDiffusionLM.from_pretrained` loads it on top of the parent, unmerged, so the gate keeps working.
+parent); `ar2dlm.model.open.load_dlm` loads it on top of the parent, unmerged, so the gate keeps working.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from ar2dlm.model.drafter import GatedDrafterLM
+from ar2dlm.drafter.gated import GatedDrafterLM
+from ar2dlm.drafter.gated_objective import DrafterObjective, drafter_scored, full_blocks
 from ar2dlm.testing import tiny_model, tiny_tokenizer
-from ar2dlm.training.drafter_objective import DrafterObjective, drafter_scored, full_blocks
 from ar2dlm.training.optim import build_optimizer
 
 BLOCK = 4

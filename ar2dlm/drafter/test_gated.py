@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from ar2dlm.drafter.gated import DRAFTER_WEIGHTS_FILE, GatedDrafterLM, GatedLoRALinear
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, DLMConfig
-from ar2dlm.model.drafter import DRAFTER_WEIGHTS_FILE, GatedDrafterLM, GatedLoRALinear
 from ar2dlm.model.loading import load_base
+from ar2dlm.model.open import load_dlm
 from ar2dlm.testing import tiny_base, tiny_model, tiny_tokenizer
 
 FAMILIES = ("llama", "qwen3")
@@ -200,7 +201,9 @@ def test_save_load_round_trip_keeps_the_gate(tmp_path):
     assert meta["base_model"] == str(folder) and meta["dlm"]["drafter"] is True
     assert meta["dlm"]["clean_attention"] == "token_causal" and meta["drafter"]["rank"] == 8
 
-    loaded, loaded_tok = BlockDiffusionLM.from_pretrained(out)
+    with pytest.raises(Ar2dlmError, match="load_dlm"):  # the dLM class loads full and LoRA dLMs only
+        BlockDiffusionLM.from_pretrained(out)
+    loaded, loaded_tok = load_dlm(out)
     assert isinstance(loaded, GatedDrafterLM) and loaded.config == drafter.config
     assert len(loaded_tok) == len(tok)
     parent, _ = load_base(str(folder))

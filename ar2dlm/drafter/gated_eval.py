@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ar2dlm.model.drafter import GatedDrafterLM
+from ar2dlm.drafter.gated import GatedDrafterLM
 from ar2dlm.training.trainer import Trainer
 
 REPORTED_OFFSETS = 3

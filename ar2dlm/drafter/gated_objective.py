@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ar2dlm.drafter.gated import GatedDrafterLM
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.drafter import GatedDrafterLM
 
 TARGETS = ("text", "argmax", "distribution")
 

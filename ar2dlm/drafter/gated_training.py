@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from ar2dlm.drafter.gated import GatedDrafterLM
+from ar2dlm.drafter.gated_eval import REPORTED_OFFSETS, DraftProbe, build_probes
+from ar2dlm.drafter.gated_objective import drafter_scored, full_blocks
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.masking import MaskingConfig, noise_batch
-from ar2dlm.model.drafter import GatedDrafterLM
 from ar2dlm.model.loading import resolve_model_source
-from ar2dlm.training.drafter_eval import REPORTED_OFFSETS, DraftProbe, build_probes
-from ar2dlm.training.drafter_objective import drafter_scored, full_blocks
 from ar2dlm.training.loss import scorable
 from ar2dlm.training.trainer import MaskedBatch
 
@@ -36,7 +36,7 @@ def prepare_drafter(cfg, device: torch.device, backbone, tokenizer) -> GatedDraf
 def init_from_drafter(dlm: GatedDrafterLM, cfg) -> None:
     """Copy the weights of the saved drafter `cfg.init_drafter` into `dlm`, after checking that it was made for the
     same parent with the same adapter shape and block layout."""
-    from ar2dlm.model.drafter import copy_adapter_weights, is_drafter_folder, read_drafter_config
+    from ar2dlm.drafter.gated import copy_adapter_weights, is_drafter_folder, read_drafter_config
     from ar2dlm.model.loading import resolve_dlm_path
 
     path = resolve_dlm_path(cfg.init_drafter)
