@@ -22,12 +22,15 @@ With `every_length` (TiDAR-style) the forward feeds one mask block per possible 
 each at the positions it drafts and seeing only the clean prefix it assumes accepted; the block matching the outcome
 gives the next drafts, so a forward after a rejected draft still has drafts to check. With a `chooser`
 (`--draft-len auto`, engine/draft_length.py) the draft length is chosen anew before every forward; a length of 0 is
-a plain AR forward (no mask block), for hardware where drafting does not pay. With a feature drafter (`feature_window` > 0, drafter/feature.py) the
-forward feeds no mask block at all: it is the parent's plain forward over the clean positions, and it also yields
-the parent's hidden states there; the engine hands those of the committed positions to the sequence
-(`apply(..., features=...)`, the last `feature_window` kept) and the drafter drafts the next block from them in a
-call of its own after the forward (`set_drafts`), whatever was accepted. With `lookup`, a
-forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
+a plain AR forward (no mask block), for hardware where drafting does not pay.
+
+With a feature drafter (`feature_window` > 0, drafter/feature.py) the forward feeds no mask block at all: it is the
+parent's plain forward over the clean positions, and it also yields the parent's hidden states there; the engine
+hands those of the committed positions to the sequence (`apply(..., features=...)`, the last `feature_window` kept)
+and the drafter drafts the next block from them in a call of its own after the forward (`set_drafts`), whatever was
+accepted.
+
+With `lookup`, a forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
 drafts instead (engine/lookup.py), when the sequence's last tokens occurred before.
 
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
