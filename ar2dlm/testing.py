@@ -93,6 +93,15 @@ def tiny_dlm_folders(root, base, blocks=(1, 4), sharpen: float = 50.0) -> dict:
     return out
 
 
+QA_ANSWERS = ["The sky is blue on a clear day.", "Two plus two is four.", "0 1 2 3 4 5 6 7 8 9",
+              "The quick brown fox jumps over the lazy dog."]
+
+
+def qa_records(n: int = 40) -> list[dict]:
+    """Question/answer records with a few repeated answers: a drafter can learn them in a few dozen steps."""
+    return [{"question": f"Question {i % 5}?", "answer": QA_ANSWERS[i % len(QA_ANSWERS)]} for i in range(n)]
+
+
 def write_jsonl(path, records):
     """Write records as JSON lines; a string is written as the line itself (for blank or malformed lines)."""
     import json
@@ -112,10 +121,39 @@ def record_forwards(runner) -> list[tuple[int, int, int]]:
     calls = []
     call = runner.decoder_hidden
 
-    def recording(ids, mask, pos, cache):
+    def recording(ids, mask, pos, cache, *capture):
         calls.append((ids.shape[0], ids.shape[1], mask.shape[-1]))
-        return call(ids, mask, pos, cache)
+        return call(ids, mask, pos, cache, *capture)
 
     runner.decoder_hidden = recording
     return calls
 
+
+
+def first_two_joint(model, ids: list[int], sampling) -> dict[tuple[int, int], float]:
+    """The AR model's joint distribution of its first two sampled tokens after `ids` (under `sampling`)."""
+    from ar2dlm.engine.sampling import filtered_probs
+
+    def next_probs(prefix):
+        with torch.no_grad():
+            return filtered_probs(model(torch.tensor([prefix]))[0][0, -1], sampling)
+
+    first = next_probs(ids)
+    return {(a, b): first[a].item() * q.item() for a in first.nonzero()[:, 0].tolist()
+            for b, q in enumerate(next_probs(ids + [a])) if q > 0}
+
+
+def fixed_proposal(joint: dict, vocab: int, never: int = 5) -> torch.Tensor:
+    """A draft distribution over every token the AR model may pick second, plus `never` (one it never picks there,
+    always rejected): speculative sampling then both accepts and rejects."""
+    q = torch.zeros(vocab)
+    q[sorted({b for _, b in joint})] = 1.0
+    q[never] += 1.0
+    return q / q.sum()
+
+
+def assert_follows_joint(counts, joint: dict, n: int) -> None:
+    """Chi-square test (p = 0.001) of `n` sampled pairs against `joint`; no pair outside it."""
+    assert set(counts) <= set(joint)
+    chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
+    assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]

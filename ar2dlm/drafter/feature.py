@@ -296,21 +296,11 @@ class FeatureDrafterLM(BlockDiffusionLM):
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, base_model: str | None = None,
                         dtype: torch.dtype = torch.float32) -> None:
-        from safetensors.torch import save_file
+        """A drafter folder; `dtype` float16 halves the file (loading casts back to the model's dtype)."""
+        from ar2dlm.drafter.folder import save_drafter_folder
 
-        from ar2dlm.utils.files import atomic_dir
-
-        base_model = base_model or self.config.base_model
-        if base_model is None:
-            raise Ar2dlmError("saving a drafter needs the parent model it loads on top of")
-        with atomic_dir(path) as tmp:
-            save_file(self.drafter_state(dtype), str(Path(tmp) / WEIGHTS_FILE))
-            meta = {"dlm": asdict(self.config), "base_model": base_model, "drafter_kind": KIND,
-                    "feature_drafter": asdict(self.drafter_cfg),
-                    "vocab_size": self.backbone.get_input_embeddings().weight.shape[0]}
-            (Path(tmp) / DLM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        save_drafter_folder(self, path, WEIGHTS_FILE, self.drafter_state(dtype),
+                            {"drafter_kind": KIND, "feature_drafter": asdict(self.drafter_cfg)}, tokenizer, base_model)
 
     def load_drafter_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         state = dict(state)

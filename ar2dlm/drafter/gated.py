@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -189,20 +188,10 @@ class GatedDrafterLM(BlockDiffusionLM):
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, base_model: str | None = None,
                         dtype: torch.dtype = torch.float32) -> None:
         """An adapter folder; `dtype` float16 halves the file (loading casts back to the model's dtype)."""
-        from safetensors.torch import save_file
+        from ar2dlm.drafter.folder import save_drafter_folder
 
-        from ar2dlm.utils.files import atomic_dir
-
-        base_model = base_model or self.config.base_model
-        if base_model is None:
-            raise Ar2dlmError("saving a drafter needs the parent model it loads on top of")
-        with atomic_dir(path) as tmp:
-            save_file(self.adapter_state(dtype), str(Path(tmp) / DRAFTER_WEIGHTS_FILE))
-            meta = {"dlm": asdict(self.config), "base_model": base_model, "drafter": self.lora_settings,
-                    "vocab_size": self.backbone.get_input_embeddings().weight.shape[0]}
-            (Path(tmp) / DLM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        save_drafter_folder(self, path, DRAFTER_WEIGHTS_FILE, self.adapter_state(dtype),
+                            {"drafter": self.lora_settings}, tokenizer, base_model)
 
 
 def is_drafter_folder(path: Path) -> bool:

@@ -13,12 +13,12 @@ import torch
 from ar2dlm.drafter.feature import FeatureDrafterLM, is_feature_drafter_folder
 from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.engine.runner import ModelRunner
-from ar2dlm.engine.sampling import Sampling, filtered_probs
+from ar2dlm.engine.sampling import Sampling
 from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.open import load_dlm
-from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.testing import assert_follows_joint, first_two_joint, fixed_proposal, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
 
@@ -142,19 +142,8 @@ def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch
     parent's joint distribution (top-3 sampling, chi-square at p = 0.001)."""
     tok, _, drafter, _ = models
     ids = tok(PROMPTS[0])["input_ids"]
-    sampling = Sampling(temperature=0.3, top_k=3)
-
-    def next_probs(prefix):
-        with torch.no_grad():
-            return filtered_probs(drafter(torch.tensor([prefix]))[0][0, -1], sampling)
-
-    p1 = next_probs(ids)
-    joint = {(a, b): p1[a].item() * q.item() for a in p1.nonzero()[:, 0].tolist()
-             for b, q in enumerate(next_probs(ids + [a])) if q > 0}
-    fixed_q = torch.zeros(p1.shape[0])
-    fixed_q[sorted({b for _, b in joint})] = 1.0
-    fixed_q[5] += 1.0
-    fixed_q /= fixed_q.sum()
+    joint = first_two_joint(drafter, ids, Sampling(temperature=0.3, top_k=3))
+    fixed_q = fixed_proposal(joint, drafter.backbone.get_input_embeddings().weight.shape[0])
 
     def draft(self, logits, sampling, generator):
         q = fixed_q.expand(logits.shape[0], -1)
@@ -173,9 +162,7 @@ def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch
         offered += req.state.offered_drafts
         accepted += req.state.accepted_drafts
     assert 0 < accepted < offered
-    assert set(counts) <= set(joint)
-    chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
-    assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
+    assert_follows_joint(counts, joint, n)
 
 
 def test_other_policies_are_refused(models):

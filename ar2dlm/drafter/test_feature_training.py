@@ -4,11 +4,9 @@ output is the parent's, and exact resume after a kill."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,21 +20,13 @@ from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.open import load_dlm
 from ar2dlm.recipes.convert import run
-from ar2dlm.testing import tiny_base
+from ar2dlm.testing import qa_records, tiny_base, write_jsonl
 from ar2dlm.training.config import ConvertConfig
-
-ANSWERS = ["The sky is blue on a clear day.", "Two plus two is four.", "0 1 2 3 4 5 6 7 8 9",
-           "The quick brown fox jumps over the lazy dog."]
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("feature")
-    data = root / "qa.jsonl"
-    with data.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"question": f"Question {i % 5}?", "answer": ANSWERS[i % len(ANSWERS)]}) + "\n")
-    return tiny_base(root), data, root
+    return tiny_base(root), write_jsonl(root / "qa.jsonl", qa_records()), root
 
 
 def config(base, data, root, out, **extra):

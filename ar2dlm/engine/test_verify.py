@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.sampling import Sampling
+from ar2dlm.engine.sampling import Sampling, filtered_probs
 from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
-from ar2dlm.testing import tiny_model, tiny_tokenizer
+from ar2dlm.testing import assert_follows_joint, first_two_joint, fixed_proposal, tiny_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
 
@@ -275,23 +275,13 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
     come from a fixed distribution over the tokens the AR model may pick second (a random adapter's drafts would
     never be among its top 3), so both acceptance and rejection happen. With `lookup` the first forward checks a
     looked-up draft of the first token instead (a deterministic proposal: one-hot q)."""
-    from ar2dlm.engine.sampling import filtered_probs
-
     drafter = _random_adapter_drafter(tok)
     ids = tok(PROMPTS[0])["input_ids"]
     sampling = Sampling(temperature=0.3, top_k=3)  # peaked: a wrong rejection rule shows
-
-    def next_probs(prefix):
-        with torch.no_grad():
-            return filtered_probs(drafter(torch.tensor([prefix]))[0][0, -1], sampling)
-
-    p1 = next_probs(ids)
-    joint = {(a, b): p1[a].item() * q.item() for a in p1.nonzero()[:, 0].tolist()
-             for b, q in enumerate(next_probs(ids + [a])) if q > 0}
-    fixed_q = torch.zeros(p1.shape[0])
-    fixed_q[sorted({b for _, b in joint})] = 1.0
-    fixed_q[5] += 1.0  # and a token the AR model never picks there, always rejected
-    fixed_q /= fixed_q.sum()
+    joint = first_two_joint(drafter, ids, sampling)
+    fixed_q = fixed_proposal(joint, drafter.backbone.get_input_embeddings().weight.shape[0])
+    with torch.no_grad():
+        p1 = filtered_probs(drafter(torch.tensor([ids]))[0][0, -1], sampling)
 
     def draft(self, mask_logits, sampling, generator):
         q = fixed_q.expand(mask_logits.shape[0], -1)
@@ -314,9 +304,7 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
         offered += req.state.offered_drafts
         accepted += req.state.accepted_drafts
     assert 0 < accepted < offered  # drafts were checked, some accepted and some rejected
-    assert set(counts) <= set(joint)
-    chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
-    assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
+    assert_follows_joint(counts, joint, n)
 
 
 def test_verify_on_a_full_dlm_says_it_is_the_models_own_head(tok, parent_and_dlm, caplog):

@@ -19,21 +19,13 @@ from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.loading import load_base
 from ar2dlm.model.open import load_dlm
 from ar2dlm.recipes.convert import run
-from ar2dlm.testing import tiny_base
+from ar2dlm.testing import QA_ANSWERS, qa_records, tiny_base, write_jsonl
 from ar2dlm.training.config import ConvertConfig
-
-ANSWERS = ["The sky is blue on a clear day.", "Two plus two is four.", "0 1 2 3 4 5 6 7 8 9",
-           "The quick brown fox jumps over the lazy dog."]
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("drafter")
-    data = root / "qa.jsonl"
-    with data.open("w") as f:
-        for i in range(40):
-            f.write(json.dumps({"question": f"Question {i % 5}?", "answer": ANSWERS[i % len(ANSWERS)]}) + "\n")
-    return tiny_base(root), data, root
+    return tiny_base(root), write_jsonl(root / "qa.jsonl", qa_records()), root
 
 
 def args(base, data, out, steps, extra=()):
@@ -111,7 +103,7 @@ def test_drafter_trains_on_the_parents_answers(setup, tmp_path, monkeypatch):
     records = [json.loads(line) for line in corpus.read_text().splitlines()]
     assert 0 < len(records) <= 10
     assert all(r["messages"][0]["content"].startswith("Question ") for r in records)
-    assert not any(r["messages"][-1]["content"] in ANSWERS for r in records)  # the parent's words, not the data's
+    assert not any(r["messages"][-1]["content"] in QA_ANSWERS for r in records)  # the parent's words, not the data's
 
 
 def test_init_drafter_continues_where_a_saved_one_ended(setup):
