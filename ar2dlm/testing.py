@@ -157,3 +157,16 @@ def assert_follows_joint(counts, joint: dict, n: int) -> None:
     assert set(counts) <= set(joint)
     chi2 = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in joint.items())
     assert chi2 < {8: 26.1, 7: 24.3, 6: 22.5, 5: 20.5, 4: 18.5}[len(joint) - 1]
+
+
+def sample_pairs(engine, ids: list[int], params: list) -> tuple:
+    """Decode `ids` once per DecodeParams in `params` (all queued together): (Counter of the first two tokens,
+    drafts offered, drafts accepted) over all of them."""
+    from collections import Counter
+
+    rids = [engine.add_request(ids, p) for p in params]
+    requests = [engine.requests[rid] for rid in rids]  # finished requests leave the engine's table
+    while engine.has_unfinished():
+        engine.step()
+    counts = Counter(tuple(req.tokens[:2]) for req in requests)
+    return counts, sum(r.state.offered_drafts for r in requests), sum(r.state.accepted_drafts for r in requests)

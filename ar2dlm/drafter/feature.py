@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, _mean_init_new_row, add_mask_token
+from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token
 
 WEIGHTS_FILE = "feature_drafter.safetensors"
 KIND = "feature"
@@ -337,14 +337,11 @@ def load_feature_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from ar2dlm.model.loading import load_base
+    from ar2dlm.drafter.folder import load_parent
 
     path = Path(path)
     meta = read_feature_drafter_config(path)
-    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
-    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
-        _mean_init_new_row(backbone, meta["vocab_size"])
     cfg = FeatureDrafterConfig(**meta["feature_drafter"])
-    model = FeatureDrafterLM(backbone, DLMConfig.from_dict(meta["dlm"]), cfg)
+    model = FeatureDrafterLM(load_parent(meta, dtype, device), DLMConfig.from_dict(meta["dlm"]), cfg)
     model.load_drafter_state(load_file(str(path / WEIGHTS_FILE)), str(path))
     return model.to(device=device, dtype=dtype), AutoTokenizer.from_pretrained(path)

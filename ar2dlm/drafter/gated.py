@@ -25,7 +25,7 @@ from torch import nn
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model import attention
-from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, _mean_init_new_row, add_mask_token
+from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token
 
 DRAFTER_WEIGHTS_FILE = "drafter.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -224,14 +224,12 @@ def load_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     """A saved drafter on top of a fresh copy of its parent, and the drafter's tokenizer."""
     from transformers import AutoTokenizer
 
-    from ar2dlm.model.loading import load_base
+    from ar2dlm.drafter.folder import load_parent
 
     path = Path(path)
     meta = read_drafter_config(path)
-    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
-    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
-        _mean_init_new_row(backbone, meta["vocab_size"])
     lora = meta["drafter"]
-    model = GatedDrafterLM(backbone, DLMConfig.from_dict(meta["dlm"]), lora["rank"], lora["alpha"], lora["targets"])
+    model = GatedDrafterLM(load_parent(meta, dtype, device), DLMConfig.from_dict(meta["dlm"]), lora["rank"],
+                           lora["alpha"], lora["targets"])
     copy_adapter_weights(model, path)
     return model.to(device), AutoTokenizer.from_pretrained(path)

@@ -5,7 +5,6 @@ parent's, sampling keeps the parent's joint distribution, and save/load keeps ev
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM
 from ar2dlm.model.open import load_dlm
-from ar2dlm.testing import assert_follows_joint, first_two_joint, fixed_proposal, tiny_model, tiny_tokenizer
+from ar2dlm.testing import (assert_follows_joint, first_two_joint, fixed_proposal, sample_pairs, tiny_model,
+                            tiny_tokenizer)
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
 
@@ -150,17 +150,10 @@ def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch
         return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
 
     monkeypatch.setattr(VerifyPolicy, "draft", draft)
-    engine = Engine(drafter, tok, max_running=16)
-    n, counts, offered, accepted = 1500, Counter(), 0, 0
-    rids = [engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i,
-                                                 max_new_tokens=3, stop_token_ids=())) for i in range(n)]
-    requests = [engine.requests[rid] for rid in rids]
-    while engine.has_unfinished():
-        engine.step()
-    for req in requests:
-        counts[tuple(req.tokens[:2])] += 1
-        offered += req.state.offered_drafts
-        accepted += req.state.accepted_drafts
+    n = 1500
+    counts, offered, accepted = sample_pairs(Engine(drafter, tok, max_running=16), ids, [
+        DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i, max_new_tokens=3,
+                     stop_token_ids=()) for i in range(n)])
     assert 0 < accepted < offered
     assert_follows_joint(counts, joint, n)
 

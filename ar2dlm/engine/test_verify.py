@@ -14,7 +14,8 @@ from ar2dlm.engine.sampling import Sampling, filtered_probs
 from ar2dlm.engine.verify import VerifyPolicy
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.dlm import BlockDiffusionLM, add_mask_token
-from ar2dlm.testing import assert_follows_joint, first_two_joint, fixed_proposal, tiny_model, tiny_tokenizer
+from ar2dlm.testing import (assert_follows_joint, first_two_joint, fixed_proposal, sample_pairs, tiny_model,
+                            tiny_tokenizer)
 
 PROMPTS = ["the quick brown fox", "0 1 2 3 4 5 6", "def add(a, b):", "x"]
 
@@ -291,18 +292,10 @@ def test_sampled_verify_keeps_the_ar_models_joint_distribution(tok, every_length
     second_likeliest = int(p1.argsort(descending=True)[1])
     monkeypatch.setattr("ar2dlm.engine.verify.lookup_drafts",
                         lambda toks, n: [second_likeliest] if len(toks) == len(ids) else [])
-    engine = Engine(drafter, tok, max_running=16)
-    n, counts, offered, accepted = 1500, Counter(), 0, 0
-    rids = [engine.add_request(ids, DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i,
-                                                 max_new_tokens=3, stop_token_ids=(), lookup_drafts=lookup,
-                                                 draft_every_length=every_length)) for i in range(n)]
-    requests = [engine.requests[rid] for rid in rids]  # finished requests leave the engine's table
-    while engine.has_unfinished():
-        engine.step()
-    for req in requests:
-        counts[tuple(req.tokens[:2])] += 1
-        offered += req.state.offered_drafts
-        accepted += req.state.accepted_drafts
+    n = 1500
+    counts, offered, accepted = sample_pairs(Engine(drafter, tok, max_running=16), ids, [
+        DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i, max_new_tokens=3,
+                     stop_token_ids=(), lookup_drafts=lookup, draft_every_length=every_length) for i in range(n)])
     assert 0 < accepted < offered  # drafts were checked, some accepted and some rejected
     assert_follows_joint(counts, joint, n)
 
