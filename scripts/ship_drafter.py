@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SIZE_LIMIT = 20 * 2 ** 20
-SKIPPED = {"output", "resume", "device", "keep_checkpoint"}  # where and how it ran, not what was trained
+SKIPPED = {"output", "resume", "device", "keep_checkpoint", "feature_cache"}  # where and how it ran, not what
+FEATURE_ONLY_SKIPPED = {"drafter", "lora_rank", "lora_alpha"}  # implied by, or unused with, --drafter-kind feature
 
 
 def convert_command(config: dict) -> str:
@@ -32,8 +33,9 @@ def convert_command(config: dict) -> str:
     from ar2dlm.training.config import ConvertConfig
 
     parts = ["ar2dlm convert"]
+    skipped = SKIPPED | (FEATURE_ONLY_SKIPPED if config.get("drafter_kind") == "feature" else set())
     for f in dataclasses.fields(ConvertConfig):
-        if f.name in SKIPPED or f.name not in config:
+        if f.name in skipped or f.name not in config:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         value = config[f.name]

@@ -43,10 +43,13 @@ EMBEDDED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
-# dLMs shipped inside the package (a few MB each: gated drafters on an embedded parent), by name. Their folders sit
-# in `ar2dlm/drafters/<name>/` and load like any saved dLM folder, so the name is accepted wherever a dLM folder is.
+# dLMs shipped inside the package (drafters on an embedded parent, 12-20 MB each), by name. Their folders sit in
+# `ar2dlm/drafters/<name>/` and load like any saved dLM folder, so the name is accepted wherever a dLM folder is.
 EMBEDDED_DLMS = {
-    "smollm2-135m-dlm": "gated drafter (lossless `verify` policy) for smollm2-135m, trained with ar2dlm convert --drafter",
+    "smollm2-135m-dlm": "feature drafter (lossless `verify` policy) for smollm2-135m, trained with ar2dlm convert "
+                        "--drafter-kind feature",
+    "smollm2-135m-gated-dlm": "gated LoRA drafter (lossless `verify` policy) for smollm2-135m, trained with ar2dlm "
+                              "convert --drafter (the shipped drafter before the feature drafter)",
 }
 DEFAULT_DLM = "smollm2-135m-dlm"
 EMBEDDED_DLM_ROOT = Path(__file__).resolve().parent.parent / "drafters"

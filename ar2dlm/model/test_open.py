@@ -97,20 +97,25 @@ def test_a_shipped_dlm_name_opens_its_folder_in_the_package(folders, monkeypatch
         open_for_decoding("gone-dlm")
 
 
-def test_the_default_shipped_dlm_is_in_the_package_and_small():
-    """The shipped drafter: on the embedded parent, at most 20 MB, half precision, with its training record."""
+@pytest.mark.parametrize("name", ["smollm2-135m-dlm", "smollm2-135m-gated-dlm"])
+def test_the_shipped_dlms_are_in_the_package_and_small(name):
+    """The shipped drafters (the default, a feature drafter, and the gated one before it): on the embedded parent,
+    at most 20 MB, half-precision weights, with their training record."""
     import json
 
     from safetensors import safe_open
 
-    from ar2dlm.model.loading import DEFAULT_DLM, EMBEDDED_MODELS, resolve_dlm_path
+    from ar2dlm.model.loading import DEFAULT_DLM, EMBEDDED_DLMS, EMBEDDED_MODELS, resolve_dlm_path
 
-    folder = resolve_dlm_path(DEFAULT_DLM)
+    assert DEFAULT_DLM in EMBEDDED_DLMS
+    folder = resolve_dlm_path(name)
     assert is_dlm_folder(folder)
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 20 * 2 ** 20
     meta = json.loads((folder / "dlm_config.json").read_text())
-    assert meta["base_model"] in EMBEDDED_MODELS and meta["dlm"]["token_shift"]
-    with safe_open(str(folder / "drafter.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert meta["base_model"] in EMBEDDED_MODELS and meta["dlm"]["token_shift"] and meta["dlm"]["drafter"]
+    weights = folder / ("feature_drafter.safetensors" if meta.get("drafter_kind") == "feature" else "drafter.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        kinds = {f.get_slice(k).get_dtype() for k in f.keys() if k != "draft_vocab"}  # token ids stay integers
+        assert kinds == {"F16"}
     record = json.loads((folder / "training.json").read_text())
     assert record["command"].startswith("ar2dlm convert") and record["curve"]

@@ -32,7 +32,8 @@ DECODE_SKIP = ("policy", "tau")  # the threshold policy, at every --thresholds v
 
 @dataclass
 class CompareConfig:
-    model: str = field(default="smollm2-135m-dlm", metadata={"help": "converted dLM folder or shipped dLM name"})
+    model: str = field(default="smollm2-135m-gated-dlm", metadata={
+        "help": "converted dLM folder or shipped dLM name (a feature drafter decodes only with verify: bench it)"})
     base: str | None = field(default=None, metadata={"help": "AR parent (default: the one recorded in the dLM)"})
     prompts: str | None = field(default=None, metadata={"help": "file with one prompt per line (default: built-in)"})
     thresholds: str = field(default="0.9,0.5", metadata={"help": "comma-separated confidence thresholds"})
