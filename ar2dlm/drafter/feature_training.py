@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar2dlm.drafter.feature import FeatureDrafterLM
+from ar2dlm.drafter.feature import FeatureDrafterConfig, FeatureDrafterLM, default_feature_layers
 from ar2dlm.drafter.feature_cache import FeatureCache
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.loading import cache_dir, load_base, resolve_model_source
@@ -248,10 +248,12 @@ def train(cfg, info, device, prepare_examples) -> dict:
     torch.manual_seed(cfg.seed)
     backbone, tokenizer = load_base(cfg.model, dtype=torch.float32)
     parent = resolve_model_source(cfg.model)
-    examples = prepare_examples(cfg, backbone, tokenizer, info)
+    layers = parse_layers(cfg.feature_layers) or default_feature_layers(backbone.config.num_hidden_layers)
+    FeatureDrafterConfig(layers, cfg.draft_layers, cfg.feature_window).check(backbone.config.num_hidden_layers)
+    examples = prepare_examples(cfg, backbone, tokenizer, info)  # (a parent may write them: after the checks)
     vocab = draft_vocabulary(examples, cfg.draft_vocab) if cfg.draft_vocab else None
     dlm = FeatureDrafterLM.from_base(backbone, tokenizer, cfg.block_size, base_model=parent,
-                                     feature_layers=parse_layers(cfg.feature_layers), num_layers=cfg.draft_layers,
+                                     feature_layers=layers, num_layers=cfg.draft_layers,
                                      window=cfg.feature_window, draft_vocab=0 if vocab is None else vocab.numel(),
                                      mask_token=cfg.mask_token)
     if vocab is not None:
@@ -259,7 +261,6 @@ def train(cfg, info, device, prepare_examples) -> dict:
     if cfg.init_drafter:
         _init_from(dlm, cfg.init_drafter)
     dlm.to(device)
-    layers = dlm.drafter_cfg.feature_layers
     cache = FeatureCache(feature_cache_folder(cfg, parent, layers), parent, layers, dlm.feature_dim, examples)
     dlm.eval()
     cache.build(lambda ids, mask: dlm.features_of(ids.to(device), mask.to(device)))

@@ -149,3 +149,16 @@ def test_resume_after_a_kill_is_exact(setup):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_feature_settings_are_refused_before_any_data_is_written(setup, capsys):
+    from ar2dlm.cli import main
+
+    base, data, root = setup
+    with pytest.raises(Ar2dlmError, match="--feature-layers"):
+        ConvertConfig(drafter_kind="feature", feature_layers="low,high")
+    with pytest.raises(Ar2dlmError, match="outside the parent"):
+        run(config(base, data, root, "bad-layers", feature_layers="9", feature_cache=str(root / "bad-cache")))
+    assert not (root / "bad-cache").exists()
+    assert main(["convert", "--drafter-kind", "feature", "--block-size", "1", "--model", str(base)]) == 2
+    assert "--block-size >= 2" in capsys.readouterr().err

@@ -140,6 +140,8 @@ class ConvertConfig(TrainConfig):
             (self.draft_layers >= 1 and self.feature_window >= 1 and self.anchors_per_sequence >= 1,
              "--draft-layers, --feature-window and --anchors-per-sequence must be >= 1"),
             (0 < self.position_decay <= 1, "--position-decay must be in (0, 1]"),
+            (self.feature_layers is None or all(x.strip().isdigit() for x in str(self.feature_layers).split(",")),
+             "--feature-layers must be comma-separated layer counts, e.g. 2,15,30"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0 (0: the whole vocabulary)"),
             (not (self.answers_from_parent and self.data == "self"),
              "--answers-from-parent needs a data file or dataset (data=self is already the parent's answers)"),
