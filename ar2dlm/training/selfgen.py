@@ -357,11 +357,12 @@ def parent_answers_path(cfg) -> Path:
 
 
 def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, max_records: int | None,
-                         max_new_tokens: int, temperature: float, seed: int, batch_size: int = 16) -> Path:
+                         max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64) -> Path:
     """Answer the prompt of every chat or instruction record of `source` (its turns before the first assistant
     turn) with `model`, and write the records with those answers instead of the data's at `cache_path` (reused when
     it exists). Training a drafter on them teaches it the wording the parent really produces at decoding time, not
-    the dataset's. Answers that hit `max_new_tokens` are kept; degenerate ones are dropped and counted."""
+    the dataset's. Answers that hit `max_new_tokens` are kept; degenerate ones are dropped and counted. Prompts are
+    answered in batches of similar length (less padding), and the records keep the data's order."""
     from tqdm.auto import tqdm
 
     cache_path = Path(cache_path)
@@ -380,24 +381,27 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     settings = _Settings(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
                          answer_temperature=temperature, user_max_new_tokens=0, top_p=1.0, min_chars=1,
                          keep_unfinished=True)
-    tally, out = _Tally(), []
+    tally, answered = _Tally(), {}
+    rendered = [render_chat(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="parent answers", unit="batch"):
-            batch = prompts[start:start + batch_size]
-            answers = _sample(model, tokenizer, [render_chat(tokenizer, p) for p in batch], stop_ids,
-                              max_new_tokens, temperature, 1.0, seed + start)
+        for start in tqdm(range(0, len(order), batch_size), desc="parent answers", unit="batch"):
+            batch = order[start:start + batch_size]
+            answers = _sample(model, tokenizer, [rendered[i] for i in batch], stop_ids, max_new_tokens, temperature,
+                              1.0, seed + start)
             tally.attempted += len(batch)
-            for turns, (text, done) in zip(batch, answers):
+            for i, (text, done) in zip(batch, answers):
                 reason = _rejection(text, done, settings)
                 if reason:
                     tally.filtered[f"assistant_{reason}"] += 1
                     continue
                 tally.unfinished += not done
-                out.append({"messages": turns + [{"role": "assistant", "content": text.strip()}]})
+                answered[i] = {"messages": prompts[i] + [{"role": "assistant", "content": text.strip()}]}
     finally:
         model.train(was_training)
+    out = [answered[i] for i in sorted(answered)]
     if not out:
         raise Ar2dlmError(f"{source}: every answer of the parent was empty or degenerate ({dict(tally.filtered)})")
     _write_corpus(cache_path, out, model, _Start(True, "", stop_ids), settings, len(prompts), tally)

@@ -179,3 +179,28 @@ def test_parent_answers_replace_the_datas_answers(tmp_path, tok, model, monkeypa
     text_only.write_text(json.dumps({"text": "no prompts"}) + "\n")
     with pytest.raises(Ar2dlmError, match="no chat or instruction records"):
         write_parent_answers(model, tok, str(text_only), tmp_path / "none.jsonl", None, 5, 0.0, 0)
+
+
+def test_parent_answers_are_written_in_similar_lengths_and_kept_in_order(tmp_path, tok, model, monkeypatch):
+    """Batches hold prompts of similar length (the shortest first: little padding); the records keep the data's
+    order, each with the answer to its own prompt."""
+    from ar2dlm.training.selfgen import write_parent_answers
+
+    questions = ["A much longer question than the others, about the quick brown fox?", "Hi?", "What is 2 + 2?"]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in questions))
+    batches = []
+
+    def generate(input_ids, attention_mask, max_new_tokens, **kw):
+        asked = [tok.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask)]
+        batches.append([next(q for q in questions if q in a) for a in asked])
+        replies = [tok(f"answer {questions.index(q)}", add_special_tokens=False).input_ids for q in batches[-1]]
+        width = max(len(r) for r in replies)
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        return torch.cat([input_ids, torch.tensor([r + [end] * (width + 1 - len(r)) for r in replies])], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    path = write_parent_answers(model, tok, str(data), tmp_path / "a.jsonl", None, 8, 0.0, 0, batch_size=2)
+    assert batches == [["Hi?", "What is 2 + 2?"], [questions[0]]]
+    assert [r["messages"][-1]["content"] for r in read_jsonl(path)] == ["answer 0", "answer 1", "answer 2"]
+    assert [r["messages"][0]["content"] for r in read_jsonl(path)] == questions
