@@ -60,6 +60,17 @@ def test_greedy_verify_is_the_parent(models, draft_len, fused):
     assert stream.result.tokens == want[0] and text == stream.result.text
 
 
+def test_ar_is_the_parent_alone(models):
+    """`ar` on a feature drafter decodes with the unchanged parent (it never sees a mask token): greedy and batched
+    it is the parent's greedy output, one token a forward."""
+    tok, ar, drafter, _ = models
+    want = greedy(ar, tok, PROMPTS)
+    results = Engine(drafter, tok).generate_batch(PROMPTS, DecodeParams(policy="ar", max_new_tokens=24,
+                                                                        stop_token_ids=()))
+    assert [r.tokens for r in results] == want
+    assert all(r.nfe == len(r.tokens) for r in results)
+
+
 def test_oracle_drafts_commit_whole_blocks(models, monkeypatch):
     """A drafter that drafts the parent's true continuation has every draft accepted: each forward commits the
     block (3 drafts + the parent's own token), so the drafts line up with the positions the parent checks."""

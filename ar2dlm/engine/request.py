@@ -13,7 +13,7 @@ import torch
 from ar2dlm.engine.blocks import BlockState
 from ar2dlm.engine.output import Detokenizer, GenerationResult
 from ar2dlm.engine.params import DecodeParams
-from ar2dlm.engine.verify import VerifyState
+from ar2dlm.engine.verify import VerifyPolicy, VerifyState
 
 
 class Status(enum.Enum):
@@ -45,6 +45,12 @@ class Request:
             self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
                                      model_config.token_shift, params.draft_every_length, draft_chooser,
                                      params.lookup_drafts, feature_window)
+        elif params.policy == "ar" and feature_window:
+            # a feature drafter's `ar` is its unchanged parent alone: verify with no drafts (one causal forward per
+            # token, no mask block: the parent never sees a mask token)
+            self.policy = VerifyPolicy()
+            self.state = VerifyState(prompt_ids, max_new_tokens, 0, model_config.mask_token_id,
+                                     model_config.token_shift)
         else:
             self.state = BlockState(prompt_ids, max_new_tokens, model_config.block_size, model_config.mask_token_id,
                                     model_config.token_shift, params, self.policy.leftmost_only)

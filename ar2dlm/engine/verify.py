@@ -57,8 +57,8 @@ class VerifyState:
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
-        if draft_len < 1:
-            raise Ar2dlmError(f"draft length must be >= 1, got {draft_len}")
+        if draft_len < 0 or (draft_len == 0 and (chooser is not None or lookup or feature_window)):
+            raise Ar2dlmError(f"draft length must be >= 1, got {draft_len}")  # 0: the verifier alone (AR)
         if feature_window and every_length:
             raise Ar2dlmError("drafts for every acceptance length (+all) are for a gated drafter: a feature drafter "
                               "drafts after every forward, whatever was accepted")
