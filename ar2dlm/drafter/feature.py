@@ -302,11 +302,17 @@ class FeatureDrafterLM(BlockDiffusionLM):
         save_drafter_folder(self, path, WEIGHTS_FILE, self.drafter_state(dtype),
                             {"drafter_kind": KIND, "feature_drafter": asdict(self.drafter_cfg)}, tokenizer, base_model)
 
-    def load_drafter_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+    def load_drafter_state(self, state: dict[str, torch.Tensor], where: str, vocab: bool = True) -> None:
+        """Load saved weights; `vocab` False keeps this model's draft vocabulary (the weights do not depend on it:
+        the draft head is rows of the parent's frozen head, so a run on new data may draft its own most frequent
+        tokens with weights it continues from)."""
         state = dict(state)
         own = {f"drafter.{k}": v for k, v in self.drafter.state_dict().items()}
         own["mask_embedding"] = self.mask_embedding
-        own["draft_vocab"] = self.draft_vocab
+        if vocab:
+            own["draft_vocab"] = self.draft_vocab
+        else:
+            state.pop("draft_vocab", None)
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
         if missing or extra or wrong:

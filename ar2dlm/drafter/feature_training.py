@@ -319,4 +319,5 @@ def _init_from(dlm: FeatureDrafterLM, spec: str) -> None:
     if meta["feature_drafter"]["feature_layers"] != dlm.drafter_cfg.feature_layers:
         raise Ar2dlmError(f"--init-drafter {spec} reads feature layers {meta['feature_drafter']['feature_layers']}, "
                           f"this run {dlm.drafter_cfg.feature_layers}")
-    dlm.load_drafter_state(load_file(str(path / WEIGHTS_FILE)), spec)
+    # the draft vocabulary stays this run's (the most frequent tokens of its own data)
+    dlm.load_drafter_state(load_file(str(path / WEIGHTS_FILE)), spec, vocab=False)

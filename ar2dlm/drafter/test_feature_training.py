@@ -61,6 +61,21 @@ def test_training_learns_and_the_drafter_decodes_as_the_parent(setup):
         assert set(state.drafts) <= vocab  # drafts come from the draft vocabulary only
 
 
+def test_init_drafter_continues_with_the_runs_own_draft_vocabulary(setup):
+    """--init-drafter starts from the saved weights (the same held-out numbers before as the first run's after);
+    the draft vocabulary is the new run's (its size and tokens), since the head is rows of the parent's."""
+    base, data, root = setup
+    first = run(config(base, data, root, "init-first", max_steps=4))
+    same = run(config(base, data, root, "init-same", max_steps=1, init_drafter=str(root / "init-first" / "model")))
+    assert same["drafter"]["before"] == first["drafter"]["after"]
+    smaller = run(config(base, data, root, "init-smaller", max_steps=1, draft_vocab=20,
+                         init_drafter=str(root / "init-first" / "model")))
+    assert smaller["drafter"]["draft_vocab"] == 20
+    dlm, _ = load_dlm(root / "init-smaller" / "model")
+    first_vocab, _ = load_dlm(root / "init-first" / "model")
+    assert dlm.draft_vocab.numel() == 20 and set(dlm.draft_vocab.tolist()) < set(first_vocab.draft_vocab.tolist())
+
+
 def test_the_cache_is_reused_and_refused_for_another_layer_set(setup):
     base, data, root = setup
     folder = root / "features"
