@@ -4,15 +4,19 @@ A feature drafter learns from the frozen parent's hidden states (drafter/feature
 its features for a corpus are computed once (one no-gradient forward per sequence) and read back by every epoch of
 every run that trains on the same examples. A cache is a folder:
 
-    manifest.json                   what it holds: the parent, its feature layers, the examples' digest, the chunks
-    chunk-00000.safetensors ...     `chunk_size` examples each: their token ids, maskable flags and offsets, and the
-                                    features [tokens, F] in float16 (half the bytes; training reads them as float32)
+    manifest.json                   what it holds: the parent, its feature layers, the chunk size, the last build's
+                                    chunks
+    chunk-<digest>.safetensors ...  `chunk_size` consecutive examples each, named by their digest (token ids and
+                                    maskable flags): their token ids, maskable flags and offsets, and the features
+                                    [tokens, F] in float16 (half the bytes; training reads them as float32)
 
-Writing is chunked and resumable: each chunk is written to a temporary name and renamed into place, with its example
-count and token count in its own metadata, so a chunk that was cut off (a killed run, a full disk) is never taken
-for a finished one: it is found by its name, by failing to open, or by a size that disagrees with what it says it
-holds, and is written again. A cache made for another parent, another layer set or other examples is refused with
-what differs. The size on disk is printed before the first chunk is written; a progress bar shows the chunks.
+Chunks are found by their examples, not their place: a corpus that grows (new records appended to the data file)
+reuses every chunk whose examples are unchanged and writes only the rest. Writing is chunked and resumable: each
+chunk is written to a temporary name and renamed into place, with its digest and counts in its own metadata, so a
+chunk that was cut off (a killed run, a full disk) is never taken for a finished one: it is found by its name, by
+failing to open, or by contents that disagree with its examples, and is written again. A cache made for another
+parent, another layer set or another chunk size is refused with what differs. The size on disk is printed before
+the first chunk is written; a progress bar shows the chunks.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ar2dlm.utils.files import write_json
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: chunks named by their examples' digest
 
 
 def examples_digest(examples) -> str:
@@ -46,8 +50,8 @@ def examples_digest(examples) -> str:
     return h.hexdigest()[:16]
 
 
-def _chunk_path(folder: Path, index: int) -> Path:
-    return folder / f"chunk-{index:05d}.safetensors"
+def chunk_path(folder: Path, digest: str) -> Path:
+    return folder / f"chunk-{digest}.safetensors"
 
 
 @dataclass
@@ -58,8 +62,9 @@ class CachedChunk:
     features: torch.Tensor  # [T, F] float16
 
 
-def _read_chunk(path: Path, expected_examples: int, expected_tokens: int, feature_dim: int) -> CachedChunk | None:
-    """The chunk at `path`, or None when it is missing or damaged (cut off, unreadable, or not what it says)."""
+def _read_chunk(path: Path, examples: list, digest: str, feature_dim: int) -> CachedChunk | None:
+    """The chunk at `path` if it holds exactly `examples` (and their features), or None when it is missing or
+    damaged (cut off, unreadable, or not what it says)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -72,9 +77,12 @@ def _read_chunk(path: Path, expected_examples: int, expected_tokens: int, featur
         return None
     chunk = CachedChunk(tensors["ids"].long(), tensors["maskable"].bool(), tensors["offsets"].long(),
                         tensors["features"])
-    fine = (meta.get("examples") == str(expected_examples) and meta.get("tokens") == str(expected_tokens)
-            and chunk.ids.shape == (expected_tokens,) and chunk.features.shape == (expected_tokens, feature_dim)
-            and chunk.offsets.shape == (expected_examples + 1,) and int(chunk.offsets[-1]) == expected_tokens)
+    tokens = sum(len(e) for e in examples)
+    fine = (meta.get("digest") == digest and meta.get("examples") == str(len(examples))
+            and meta.get("tokens") == str(tokens) and chunk.ids.shape == (tokens,)
+            and chunk.features.shape == (tokens, feature_dim) and chunk.offsets.shape == (len(examples) + 1,)
+            and int(chunk.offsets[-1]) == tokens
+            and chunk.ids.tolist() == [t for e in examples for t in e.input_ids])
     return chunk if fine else None
 
 
@@ -86,10 +94,11 @@ class FeatureCache:
         self.folder = Path(folder)
         self.examples = list(examples)
         self.chunk_size = chunk_size
+        self.digests = [examples_digest(self._chunk_examples(i)) for i in range(self.n_chunks)]
         self.manifest = {"format": FORMAT, "parent": parent, "feature_layers": list(feature_layers),
-                         "feature_dim": feature_dim, "dtype": "float16", "examples": len(self.examples),
-                         "tokens": sum(len(e) for e in self.examples), "examples_digest": examples_digest(self.examples),
-                         "chunk_size": chunk_size}
+                         "feature_dim": feature_dim, "dtype": "float16", "chunk_size": chunk_size,
+                         "examples": len(self.examples), "tokens": sum(len(e) for e in self.examples),
+                         "chunks": self.digests}
         self._check_manifest()
 
     @property
@@ -107,24 +116,30 @@ class FeatureCache:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise Ar2dlmError(f"feature cache {self.folder}: unreadable {MANIFEST} ({e}); remove the folder") from None
-        what = {"parent": "parent", "feature_layers": "feature layers", "feature_dim": "feature size",
-                "examples_digest": "examples (data, --seq-len or --max-records)", "chunk_size": "chunk size",
-                "format": "format"}
+        what = {"format": "format", "parent": "parent", "feature_layers": "feature layers",
+                "feature_dim": "feature size", "chunk_size": "chunk size"}
         for key, name in what.items():
             if saved.get(key) != self.manifest[key]:
                 raise Ar2dlmError(f"feature cache {self.folder} was written for {name} {saved.get(key)!r}, this run "
                                   f"needs {self.manifest[key]!r}: use another --feature-cache folder (or remove it)")
 
-    def size_bytes(self) -> int:
-        return self.manifest["tokens"] * (self.manifest["feature_dim"] * 2 + 9)
+    def size_bytes(self, chunks: list[int] | None = None) -> int:
+        """Bytes on disk of these chunks (default: all of this corpus)."""
+        chunks = range(self.n_chunks) if chunks is None else chunks
+        tokens = sum(len(e) for i in chunks for e in self._chunk_examples(i))
+        return tokens * (self.manifest["feature_dim"] * 2 + 9)
 
     def missing_chunks(self) -> list[int]:
         return [i for i in range(self.n_chunks) if self.load_chunk(i) is None]
 
     def load_chunk(self, index: int) -> CachedChunk | None:
-        examples = self._chunk_examples(index)
-        return _read_chunk(_chunk_path(self.folder, index), len(examples), sum(len(e) for e in examples),
-                           self.manifest["feature_dim"])
+        return _read_chunk(chunk_path(self.folder, self.digests[index]), self._chunk_examples(index),
+                           self.digests[index], self.manifest["feature_dim"])
+
+    def other_chunks(self) -> list[Path]:
+        """Chunks in the folder that this corpus does not use (written for other examples)."""
+        mine = {chunk_path(self.folder, d).name for d in self.digests}
+        return sorted(p for p in self.folder.glob("chunk-*.safetensors") if p.name not in mine)
 
     def build(self, features_of, batch_size: int = 8) -> None:
         """Write every missing or damaged chunk; `features_of(ids [N, L], attention_mask [N, L])` gives the
@@ -137,13 +152,17 @@ class FeatureCache:
             stale.unlink()  # a chunk cut off mid-write: never read, written again below
         write_json(self.folder / MANIFEST, self.manifest)
         todo = self.missing_chunks()
+        others = self.other_chunks()
+        if others:
+            log.info("feature cache %s: %d chunks of other examples kept (%.2f GiB; remove them to reclaim)",
+                     self.folder, len(others), sum(p.stat().st_size for p in others) / 2 ** 30)
         if not todo:
             log.info("feature cache %s: complete (%d examples, %d tokens)", self.folder, len(self.examples),
                      self.manifest["tokens"])
             return
-        gib = self.size_bytes() / 2 ** 30
         print(f"feature cache {self.folder}: {len(self.examples)} examples, {self.manifest['tokens']} tokens, "
-              f"~{gib:.2f} GiB on disk when complete; {len(todo)} of {self.n_chunks} chunks to write", flush=True)
+              f"~{self.size_bytes() / 2 ** 30:.2f} GiB on disk when complete; {len(todo)} of {self.n_chunks} chunks "
+              f"to write (~{self.size_bytes(todo) / 2 ** 30:.2f} GiB), {self.n_chunks - len(todo)} reused", flush=True)
         for index in tqdm(todo, desc="parent features", unit="chunk", dynamic_ncols=True):
             examples = self._chunk_examples(index)
             feats = self._features(examples, features_of, batch_size)
@@ -154,9 +173,10 @@ class FeatureCache:
                 "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
                 "features": torch.cat(feats).to(torch.float16).contiguous(),
             }
-            path = _chunk_path(self.folder, index)
+            path = chunk_path(self.folder, self.digests[index])
             tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"examples": str(len(examples)), "tokens": str(sum(lengths))})
+            save_file(tensors, str(tmp), metadata={"digest": self.digests[index], "examples": str(len(examples)),
+                                                   "tokens": str(sum(lengths))})
             os.replace(tmp, path)
 
     @staticmethod

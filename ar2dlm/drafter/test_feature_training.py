@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ar2dlm.data.tokenize import Example
 from ar2dlm.drafter.feature import WEIGHTS_FILE
-from ar2dlm.drafter.feature_cache import FeatureCache
+from ar2dlm.drafter.feature_cache import FeatureCache, chunk_path
 from ar2dlm.drafter.feature_training import anchor_positions, draft_vocabulary, make_batch
 from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
@@ -99,9 +99,10 @@ def test_a_cut_off_chunk_is_found_and_written_again(tmp_path):
     cache = FeatureCache(tmp_path / "c", "parent-a", [1, 2], 4, examples, chunk_size=4)
     cache.build(_fake_features)
     assert cache.missing_chunks() == []
-    chunk = tmp_path / "c" / "chunk-00001.safetensors"
+    chunk = chunk_path(tmp_path / "c", cache.digests[1])
     chunk.write_bytes(chunk.read_bytes()[:-40])  # cut off mid-write
-    (tmp_path / "c" / "chunk-00002.safetensors.tmp").write_bytes(b"half")
+    tmp = chunk_path(tmp_path / "c", cache.digests[2])
+    tmp.with_name(tmp.name + ".tmp").write_bytes(b"half")
     assert cache.missing_chunks() == [1]
     with pytest.raises(Ar2dlmError, match="chunk 1"):
         cache.load()
@@ -113,12 +114,26 @@ def test_a_cut_off_chunk_is_found_and_written_again(tmp_path):
         assert torch.equal(feats.float(), _fake_features(ids[None], torch.ones(1, len(ids)))[0])
 
 
-def test_a_cache_of_another_parent_or_data_is_refused(tmp_path):
-    FeatureCache(tmp_path / "c", "parent-a", [1, 2], 4, _examples()).build(_fake_features)
+def test_a_cache_of_another_parent_is_refused_and_more_data_reuses_its_chunks(tmp_path):
+    folder = tmp_path / "c"
+    FeatureCache(folder, "parent-a", [1, 2], 4, _examples(), chunk_size=4).build(_fake_features)
     with pytest.raises(Ar2dlmError, match="parent"):
-        FeatureCache(tmp_path / "c", "parent-b", [1, 2], 4, _examples())
-    with pytest.raises(Ar2dlmError, match="examples"):
-        FeatureCache(tmp_path / "c", "parent-a", [1, 2], 4, _examples(9))
+        FeatureCache(folder, "parent-b", [1, 2], 4, _examples(), chunk_size=4)
+    with pytest.raises(Ar2dlmError, match="feature layers"):
+        FeatureCache(folder, "parent-a", [1, 3], 4, _examples(), chunk_size=4)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk-*")}
+    grown = _examples(10) + [Example([7] * 6, [False, False] + [True] * 4) for _ in range(3)]
+    cache = FeatureCache(folder, "parent-a", [1, 2], 4, grown, chunk_size=4)
+    assert cache.missing_chunks() == [2, 3]  # examples 0-7 unchanged; 8-11 and 12 are new chunks
+    cache.build(_fake_features)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk-*")}
+    assert {n: after[n] for n in before} == before  # the old chunks were read, not written again
+    assert len(after) == len(before) + 2 and [p.name for p in cache.other_chunks()] == \
+        [chunk_path(folder, FeatureCache(folder, "parent-a", [1, 2], 4, _examples(), chunk_size=4).digests[2]).name]
+    loaded = cache.load()
+    assert [ids.tolist() for ids, _, _ in loaded] == [e.input_ids for e in grown]
+    for ids, _, feats in loaded:
+        assert torch.equal(feats.float(), _fake_features(ids[None], torch.ones(1, len(ids)))[0])
 
 
 def test_anchors_and_targets_line_up():
