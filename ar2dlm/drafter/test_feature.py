@@ -45,13 +45,13 @@ def greedy(ar, tok, prompts, n=24):
                                                                                    stop_token_ids=()))]
 
 
-@pytest.mark.parametrize("draft_len", [1, 3, "auto"])
+@pytest.mark.parametrize("draft_len,lookup", [(1, False), (3, False), (3, True), ("auto", True)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_greedy_verify_is_the_parent(models, draft_len, fused):
+def test_greedy_verify_is_the_parent(models, draft_len, lookup, fused):
     tok, ar, drafter, _ = models
     want = greedy(ar, tok, PROMPTS)
     params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=24, stop_token_ids=(),
-                          lookup_drafts=draft_len == "auto")
+                          lookup_drafts=lookup)
     engine = Engine(drafter, tok, fused=fused)
     assert [r.tokens for r in engine.generate_batch(PROMPTS, params)] == want  # batched
     assert [engine.generate(p, params).tokens for p in PROMPTS] == want  # one at a time
@@ -147,10 +147,30 @@ def test_save_and_load_keep_the_drafter(models, tmp_path, monkeypatch):
     assert torch.equal(drafter.draft_logits(feats, valid, anchors), loaded.draft_logits(feats, valid, anchors))
 
 
-def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch):
+def test_lookup_drafts_come_first_and_skip_the_drafters_call(models, monkeypatch):
+    """With +lookup a forward checks prompt-lookup drafts wherever the last tokens occurred before, and the
+    drafter is not called for it; elsewhere the drafter drafts. The output stays the parent's."""
+    tok, ar, drafter, _ = models
+    prompt = "0 1 2 3 4 5 6 0 1 2 3 4 5 6 0 1 2"  # repeats: lookup finds drafts
+    calls = []
+    real = ModelRunner.draft
+    monkeypatch.setattr(ModelRunner, "draft", lambda self, *a: calls.append(len(a[0])) or real(self, *a))
+    params = DecodeParams(policy="verify", draft_len=3, max_new_tokens=24, stop_token_ids=())
+    engine = Engine(drafter, tok)
+    plain = engine.generate(prompt, params)
+    drafter_calls = len(calls)
+    looked = engine.generate(prompt, params.replace(lookup_drafts=True))
+    assert looked.tokens == plain.tokens == greedy(ar, tok, [prompt])[0]
+    assert len(calls) - drafter_calls < drafter_calls  # forwards that checked lookup drafts skipped the drafter
+    assert looked.nfe <= plain.nfe
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_sampled_verify_keeps_the_parents_joint_distribution(models, lookup, monkeypatch):
     """The first two sampled tokens, the second drawn by speculative sampling against a feature drafter's draft
     (from a fixed distribution over the parent's possible second tokens plus one it never picks), follow the
-    parent's joint distribution (top-3 sampling, chi-square at p = 0.001)."""
+    parent's joint distribution (top-3 sampling, chi-square at p = 0.001). With `lookup` the second token is checked
+    against a looked-up draft instead (a deterministic proposal, ahead of the drafter's)."""
     tok, _, drafter, _ = models
     ids = tok(PROMPTS[0])["input_ids"]
     joint = first_two_joint(drafter, ids, Sampling(temperature=0.3, top_k=3))
@@ -161,10 +181,13 @@ def test_sampled_verify_keeps_the_parents_joint_distribution(models, monkeypatch
         return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q
 
     monkeypatch.setattr(VerifyPolicy, "draft", draft)
+    likeliest_second = max(joint, key=joint.get)[1]
+    monkeypatch.setattr("ar2dlm.engine.verify.lookup_drafts",
+                        lambda toks, n: [likeliest_second] if len(toks) == len(ids) + 1 else [])
     n = 1500
     counts, offered, accepted = sample_pairs(Engine(drafter, tok, max_running=16), ids, [
         DecodeParams(policy="verify", draft_len=2, temperature=0.3, top_k=3, seed=i, max_new_tokens=3,
-                     stop_token_ids=()) for i in range(n)])
+                     stop_token_ids=(), lookup_drafts=lookup) for i in range(n)])
     assert 0 < accepted < offered
     assert_follows_joint(counts, joint, n)
 

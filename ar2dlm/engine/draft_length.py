@@ -20,7 +20,8 @@ trained to.
 A feature drafter (drafter/feature.py) drafts after every forward in a call of its own, whatever was accepted: its
 forwards feed only the clean positions (no mask block), a sequence always has drafts (as with `every_length`), and
 a forward that drafts costs its width's forward plus one drafter call (`drafter_cost`, measured per batch-size
-bucket as well).
+bucket as well). With `lookup` it looks drafts up first: a forward where they are found (a share of the forwards
+learnt like their acceptance) checks them and needs no drafter call before it, the others check the drafter's.
 
 The costs of the forward shapes involved are measured through the engine's own runner (`cost.shape_cost`), once per
 engine on the first request that asks for `auto`, and once more for each batch size (rounded down to a power of two)
@@ -170,10 +171,23 @@ class DraftLengthChooser:
             return free_tokens / free_seconds
         tokens, kept = self.model.expected(choice.drafts)
         with_seconds = self.seconds(choice.drafts, choice.drafts, cost)
+        if self._drafter_cost is not None and choice.lookup:
+            return self._lookup_first_rate(choice, tokens, with_seconds, cost)
         if self.rows > 1:
             free_seconds = with_seconds
         free_per_with = 0.0 if self.every_length else (1 - kept) / max(to_drafts, 1e-9)
         return (tokens + free_per_with * free_tokens) / (with_seconds + free_per_with * free_seconds)
+
+    def _lookup_first_rate(self, choice: Choice, model_tokens: float, model_seconds: float,
+                           cost: dict[Shape, float]) -> float:
+        """A feature drafter with lookup: a forward checks lookup drafts where they are found (no drafter call
+        before it), the drafter's otherwise; in a batch the forward is as wide as its widest row and the drafter is
+        called if any row needs it, so both kinds of row cost the forward with model drafts."""
+        found = (self.lookup_found + 0.5) / (self.lookup_tries + 1.0)
+        lookup_tokens, _ = self.looked_up.expected(choice.lookup)
+        lookup_seconds = model_seconds if self.rows > 1 else self.seconds(choice.lookup, 0, cost)
+        return (found * lookup_tokens + (1 - found) * model_tokens) / \
+            (found * lookup_seconds + (1 - found) * model_seconds)
 
     def choose(self) -> Choice:
         if self._choice is None:
@@ -196,13 +210,12 @@ class DraftLengthChooser:
         if model_drafts:
             self.model.decay()
             self.model.add(checked, accepted)
-            return
-        if plain:  # per forward of the batch, not per row: a batch of 16 should not retry drafts 16 times sooner
+        elif plain:  # per forward of the batch, not per row: a batch of 16 should not retry drafts 16 times sooner
             self.model.decay(PLAIN_FADE ** (1 / self.rows))
-        if looked_up:
+        if looked_up:  # (a feature drafter looks first and checks its model's drafts where lookup found none)
             self.looked_up.decay()
             self.lookup_tries, self.lookup_found = self.lookup_tries * DECAY, self.lookup_found * DECAY
             self.lookup_tries += 1
-            if checked:
+            if checked and not model_drafts:
                 self.lookup_found += 1
                 self.looked_up.add(checked, accepted)

@@ -45,8 +45,9 @@ class DecodeParams:
         "help": "verify: draft for every acceptance length in the same forward (TiDAR), so the forward after a "
                 "rejected draft has drafts too; feeds (drafts + 1)^2 mask positions instead of drafts + 1"})
     lookup_drafts: bool = field(default=False, metadata={
-        "help": "verify: when the model has no drafts for a forward (after a rejected draft), draft by prompt "
-                "lookup instead: the tokens that followed the last earlier occurrence of the final 3 or 2 tokens"})
+        "help": "verify: draft by prompt lookup (the tokens that followed the last earlier occurrence of the final "
+                "3 or 2 tokens) when the model has no drafts for a forward (a gated drafter after a rejected "
+                "draft); a feature drafter checks lookup drafts first wherever they are found"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -124,7 +125,7 @@ class DecodeParams:
     def from_spec(cls, text: str, **base) -> "DecodeParams":
         """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`, `verify:3` (drafts a forward);
         a bare name takes the default value; a `+bp` suffix turns on multi-block decoding, `+all` drafts for every
-        acceptance length (verify), `+lookup` fills missing drafts by prompt lookup (verify). `base` gives the other fields."""
+        acceptance length (verify), `+lookup` adds prompt-lookup drafts (verify). `base` gives the other fields."""
         spec = text.strip()
         body, *suffixes = spec.split("+")
         unknown = sorted(set(suffixes) - {"bp", "all", "lookup"})

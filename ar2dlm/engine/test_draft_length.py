@@ -107,6 +107,33 @@ def test_lookup_statistics_price_the_forwards_without_model_drafts():
     assert chooser.lookup_found == found  # a forward that did not look teaches nothing about lookup
 
 
+def test_a_feature_drafter_looks_up_first_where_lookup_pays():
+    """A feature drafter's forwards check lookup drafts where found (no drafter call before them) and its own
+    elsewhere: the chooser prices that mix, and drops lookup where its drafts are wrong."""
+    def cost(shapes, rows):
+        return {shape: _steep(*shape) for shape in shapes}
+
+    chooser = DraftLengthChooser(3, False, cost, lookup=True, drafter_cost=lambda rows: 0.05)
+    assert chooser.seconds(3, 3, chooser.cost_at(1)) == pytest.approx(_steep(4, 0) + 0.05)  # + the drafter's call
+    for _ in range(300):  # lookup finds drafts in half the forwards, all accepted; the model's: 3 or 1 accepted
+        chooser.record(checked=3, accepted=3, model_drafts=False, looked_up=True)
+        chooser.record(checked=3, accepted=3, model_drafts=True, looked_up=True)  # looked, found none
+        chooser.record(checked=3, accepted=1, model_drafts=True, looked_up=True)
+        chooser.record(checked=3, accepted=3, model_drafts=False, looked_up=True)
+    assert chooser.lookup_found / chooser.lookup_tries == pytest.approx(0.5, abs=0.01)
+    model_tokens, _ = chooser.model.expected(3)
+    lookup_tokens, _ = chooser.looked_up.expected(3)
+    want = (0.5 * lookup_tokens + 0.5 * model_tokens) / (0.5 * _steep(4, 0) + 0.5 * (_steep(4, 0) + 0.05))
+    assert chooser.rate(Choice(3, 3)) == pytest.approx(want, rel=0.02)
+    assert chooser.choose() == Choice(3, 3)  # better than either alone
+    assert chooser.rate(Choice(3, 3)) > max(chooser.rate(Choice(3, 0)), chooser.rate(Choice(0, 3)))
+    for _ in range(300):  # lookup drafts now always wrong: the drafter's alone are better
+        chooser.record(checked=3, accepted=0, model_drafts=False, looked_up=True)
+        chooser.record(checked=3, accepted=3, model_drafts=True, looked_up=True)
+        chooser.record(checked=3, accepted=1, model_drafts=True, looked_up=True)
+    assert chooser.choose().lookup == 0
+
+
 def _plain_records_until_retry(chooser) -> int:
     plain = 0
     while chooser.choose().drafts == 0:

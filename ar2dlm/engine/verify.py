@@ -30,8 +30,11 @@ hands those of the committed positions to the sequence (`apply(..., features=...
 and the drafter drafts the next block from them in a call of its own after the forward (`set_drafts`), whatever was
 accepted.
 
-With `lookup`, a forward the model has no drafts for (the first one, or after a rejection without `every_length`) checks prompt-lookup
-drafts instead (engine/lookup.py), when the sequence's last tokens occurred before.
+With `lookup`, a forward the model has no drafts for (the first one, or after a rejection without `every_length`)
+checks prompt-lookup drafts instead (engine/lookup.py), when the sequence's last tokens occurred before. A feature
+drafter always has drafts, so there lookup comes first: wherever the last tokens occurred before, the forward checks
+the lookup drafts and the drafter's call for it is skipped (answers that restate the prompt or repeat themselves are
+where lookup drafts run long and the drafter's short window sees least).
 
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
 probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
@@ -114,10 +117,12 @@ class VerifyState:
             self.draft_len, lookup_len = self.chooser.choose()
             if self.draft_len == 0:  # a plain forward: no mask block, and the model's drafts are not checked
                 self.drafts, self.draft_probs = [], None
-        self._looked_for = lookup_len > 0 and not self.drafts
+        # a feature drafter's drafts always exist: lookup drafts, where found, come first (its call was skipped)
+        self._looked_for = lookup_len > 0 and (not self.drafts or bool(self.feature_window))
         if self._looked_for:
-            self.drafts, self.draft_probs = lookup_drafts(self.toks, lookup_len), None
-            self.looked_up = bool(self.drafts)
+            found = lookup_drafts(self.toks, lookup_len)
+            if found or not self.feature_window:
+                self.drafts, self.draft_probs, self.looked_up = found, None, bool(found)
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
         self._fed_blocks = [] if self.feature_window else \
@@ -179,8 +184,17 @@ class VerifyState:
 
     @property
     def wants_drafts(self) -> bool:
-        """A feature drafter drafts for this sequence after the forward: room is left and the last choice drafted."""
-        return bool(self.feature_window) and self.draft_len > 0 and len(self.toks) + 1 < self.limit
+        """A feature drafter drafts for this sequence after the forward: room is left, the last choice drafted, and
+        the next forward will not check prompt-lookup drafts instead (they come first where found)."""
+        if not (self.feature_window and self.draft_len > 0 and len(self.toks) + 1 < self.limit):
+            return False
+        return not (self._next_lookup_len() and lookup_drafts(self.toks, 1))
+
+    def _next_lookup_len(self) -> int:
+        """The prompt-lookup drafts the next forward looks for at most (0: none)."""
+        if not self.lookup:
+            return 0
+        return self.chooser.choose().lookup if self.chooser is not None else self.draft_len
 
     def set_drafts(self, draft_logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
                    generator: torch.Generator | None) -> None:
