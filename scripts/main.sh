@@ -17,7 +17,7 @@ source "$(dirname "$0")/env.sh"
 
 if [ "${1:-}" != convert ]; then
   mkdir -p runs/main
-  ar2dlm bench --model smollm2-135m-dlm --policies verify,verify:3,verify:auto+lookup \
+  ar2dlm bench --model smollm2-135m-dlm --policies verify:3,verify+lookup,verify:auto+lookup \
     --batch-sizes 1 --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "$@"
   exit
 fi

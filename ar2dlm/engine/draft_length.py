@@ -91,7 +91,7 @@ class Acceptance:
 
 class Choice(NamedTuple):
     drafts: int  # model drafts checked and made per forward (0: a plain forward, no mask block)
-    lookup: int  # prompt-lookup drafts a forward without model drafts checks at most (0: none)
+    lookup: int  # prompt-lookup drafts a forward checks at most (0: none): without model drafts, or first (feature)
 
 
 class DraftLengthChooser:
@@ -112,7 +112,10 @@ class DraftLengthChooser:
         self.lookup_tries = self.lookup_found = 0.0  # forwards that looked drafts up; those that found some
         self.exploring = True  # drafting to learn the model's acceptance, whatever the rates say
         lengths = range(max_drafts + 1)
-        self.choices = [Choice(d, n) for d in lengths for n in ({0, d or max_drafts} if lookup else {0})]
+        # lookup drafts as long as the model's (all it may draft when it does not); a feature drafter's may also
+        # run to the longest length while its own stay short, since where lookup finds drafts they run long
+        longest = {max_drafts} if drafter_cost is not None else set()
+        self.choices = [Choice(d, n) for d in lengths for n in ({0, d or max_drafts} | longest if lookup else {0})]
         self._shapes = {self.shape(c.drafts, c.drafts) for c in self.choices} | \
             {self.shape(n, c.drafts) for c in self.choices for n in {0, c.lookup}}
         self._cost_of_shapes, self._costs = cost_of_shapes, {}
