@@ -184,13 +184,16 @@ class DraftLengthChooser:
     def _lookup_first_rate(self, choice: Choice, model_tokens: float, model_seconds: float,
                            cost: dict[Shape, float]) -> float:
         """A feature drafter with lookup: a forward checks lookup drafts where they are found (no drafter call
-        before it), the drafter's otherwise; in a batch the forward is as wide as its widest row and the drafter is
-        called if any row needs it, so both kinds of row cost the forward with model drafts."""
+        before it), the drafter's otherwise. In a batch the forward is as wide as its widest row (the lookup drafts'
+        width if any row found some) and the drafter is called for the rows that found none."""
         found = (self.lookup_found + 0.5) / (self.lookup_tries + 1.0)
         lookup_tokens, _ = self.looked_up.expected(choice.lookup)
-        lookup_seconds = model_seconds if self.rows > 1 else self.seconds(choice.lookup, 0, cost)
-        return (found * lookup_tokens + (1 - found) * model_tokens) / \
-            (found * lookup_seconds + (1 - found) * model_seconds)
+        tokens = found * lookup_tokens + (1 - found) * model_tokens
+        if self.rows == 1:
+            return tokens / (found * self.seconds(choice.lookup, 0, cost) + (1 - found) * model_seconds)
+        any_found = 1 - (1 - found) ** self.rows
+        wide = self.seconds(max(choice.lookup, choice.drafts), choice.drafts, cost)
+        return tokens / (any_found * wide + (1 - any_found) * model_seconds)
 
     def choose(self) -> Choice:
         if self._choice is None:

@@ -134,6 +134,26 @@ def test_a_feature_drafter_looks_up_first_where_lookup_pays():
     assert chooser.choose().lookup == 0
 
 
+def test_a_feature_drafters_batch_is_as_wide_as_its_longest_lookup_drafts():
+    """In a batch, a row that found lookup drafts widens the whole forward to them: the chooser prices a forward at
+    the lookup drafts' width whenever any row may have found some, so long lookup drafts beside short model drafts
+    cost what they do."""
+    def cost(shapes, rows):
+        return {shape: _steep(*shape) for shape in shapes}
+
+    chooser = DraftLengthChooser(7, False, cost, lookup=True, drafter_cost=lambda rows: 0.05)
+    for _ in range(300):  # lookup finds drafts in a third of the forwards
+        chooser.record(checked=7, accepted=2, model_drafts=False, looked_up=True)
+        chooser.record(checked=1, accepted=1, model_drafts=True, looked_up=True)
+        chooser.record(checked=1, accepted=0, model_drafts=True, looked_up=True)
+    chooser.rows = 4
+    found = (chooser.lookup_found + 0.5) / (chooser.lookup_tries + 1.0)
+    any_found = 1 - (1 - found) ** 4
+    tokens = found * chooser.looked_up.expected(7)[0] + (1 - found) * chooser.model.expected(1)[0]
+    wide, narrow = _steep(8, 0) + 0.05, _steep(2, 0) + 0.05
+    assert chooser.rate(Choice(1, 7)) == pytest.approx(tokens / (any_found * wide + (1 - any_found) * narrow))
+
+
 def _plain_records_until_retry(chooser) -> int:
     plain = 0
     while chooser.choose().drafts == 0:
