@@ -59,12 +59,14 @@ class CachedChunk:
     ids: torch.Tensor  # [T] int64, the chunk's examples back to back
     maskable: torch.Tensor  # [T] bool
     offsets: torch.Tensor  # [n + 1] int64: example i is [offsets[i], offsets[i + 1])
-    features: torch.Tensor  # [T, F] float16
+    features: torch.Tensor | None  # [T, F] float16 (None when checked without them)
 
 
-def _read_chunk(path: Path, examples: list, digest: str, feature_dim: int) -> CachedChunk | None:
+def _read_chunk(path: Path, examples: list, digest: str, feature_dim: int,
+                features: bool = True) -> CachedChunk | None:
     """The chunk at `path` if it holds exactly `examples` (and their features), or None when it is missing or
-    damaged (cut off, unreadable, or not what it says)."""
+    damaged (cut off, unreadable, or not what it says). `features` False checks the chunk without reading its
+    features (their shape, and their last row, which a cut-off file lacks) and returns it with `features` None."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -72,7 +74,12 @@ def _read_chunk(path: Path, examples: list, digest: str, feature_dim: int) -> Ca
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in ("ids", "maskable", "offsets", "features")}
+            tensors = {k: f.get_tensor(k) for k in ("ids", "maskable", "offsets")}
+            stored = f.get_slice("features")
+            shape = tuple(stored.get_shape())
+            tensors["features"] = f.get_tensor("features") if features else None
+            if not features and shape[0]:
+                stored[shape[0] - 1:]  # reads the file's last bytes: fails on a chunk cut off mid-write
     except Exception:  # noqa: BLE001 - any failure to read means: write it again
         return None
     chunk = CachedChunk(tensors["ids"].long(), tensors["maskable"].bool(), tensors["offsets"].long(),
@@ -80,7 +87,7 @@ def _read_chunk(path: Path, examples: list, digest: str, feature_dim: int) -> Ca
     tokens = sum(len(e) for e in examples)
     fine = (meta.get("digest") == digest and meta.get("examples") == str(len(examples))
             and meta.get("tokens") == str(tokens) and chunk.ids.shape == (tokens,)
-            and chunk.features.shape == (tokens, feature_dim) and chunk.offsets.shape == (len(examples) + 1,)
+            and shape == (tokens, feature_dim) and chunk.offsets.shape == (len(examples) + 1,)
             and int(chunk.offsets[-1]) == tokens
             and chunk.ids.tolist() == [t for e in examples for t in e.input_ids])
     return chunk if fine else None
@@ -130,11 +137,12 @@ class FeatureCache:
         return tokens * (self.manifest["feature_dim"] * 2 + 9)
 
     def missing_chunks(self) -> list[int]:
-        return [i for i in range(self.n_chunks) if self.load_chunk(i) is None]
+        """Chunks to write: missing or damaged (checked without reading their features)."""
+        return [i for i in range(self.n_chunks) if self.load_chunk(i, features=False) is None]
 
-    def load_chunk(self, index: int) -> CachedChunk | None:
+    def load_chunk(self, index: int, features: bool = True) -> CachedChunk | None:
         return _read_chunk(chunk_path(self.folder, self.digests[index]), self._chunk_examples(index),
-                           self.digests[index], self.manifest["feature_dim"])
+                           self.digests[index], self.manifest["feature_dim"], features)
 
     def other_chunks(self) -> list[Path]:
         """Chunks in the folder that this corpus does not use (written for other examples)."""
