@@ -32,6 +32,11 @@ every request in the engine; older forwards count less (each forward scales its 
 about 50 forwards), so the rates follow the prompts being served. Plain forwards teach nothing about the drafts, only
 age what is known (`PLAIN_FADE`); once the evidence on the model's first draft is under `MIN_EVIDENCE` forwards (at
 the start, or after a few hundred plain forwards) the chooser drafts until it has twice that, then chooses freely.
+Forwards that leave lookup out by choice age what is known of its drafts the same way, so a low estimate (a stretch
+of text lookup did not suit) is tried again rather than kept for good. A feature drafter's evidence ages at `DECAY`
+in forwards without its drafts, not `PLAIN_FADE`: trying its drafts again costs one drafter call and a few positions
+more, and a dozen forwards at the start of an answer are a small sample to give up on them for hundreds of forwards.
+While exploring, its forwards may look drafts up first (where lookup finds none, the drafter's are checked).
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ class DraftLengthChooser:
         self.looked_up = Acceptance(max_drafts)  # prompt-lookup drafts
         self.lookup_tries = self.lookup_found = 0.0  # forwards that looked drafts up; those that found some
         self.exploring = True  # drafting to learn the model's acceptance, whatever the rates say
+        self.lookup = lookup
+        # how a forward without the model's drafts (or, left out by choice, lookup's) ages what is known of them
+        self.plain_fade = DECAY if drafter_cost is not None else PLAIN_FADE
         lengths = range(max_drafts + 1)
         # lookup drafts as long as the model's (all it may draft when it does not); a feature drafter's may also
         # run to the longest length while its own stay short, since where lookup finds drafts they run long
@@ -203,8 +211,10 @@ class DraftLengthChooser:
             elif evidence >= 2 * MIN_EVIDENCE:
                 self.exploring = False
             # exploring drafts without lookup: a forward with partly accepted lookup drafts yields no model drafts
-            # (its mask block assumed them all), so lookup could starve the evidence exploring waits for
-            allowed = [c for c in self.choices if not self.exploring or (c.drafts and not c.lookup)]
+            # (its mask block assumed them all), so lookup could starve the evidence exploring waits for; a feature
+            # drafter's drafts are checked wherever lookup finds none, so it may look up first
+            allowed = [c for c in self.choices if not self.exploring or (
+                c.drafts and (not c.lookup or self._drafter_cost is not None))]
             self._choice = max(allowed, key=self.rate)
         return self._choice
 
@@ -212,12 +222,15 @@ class DraftLengthChooser:
                plain: bool = False) -> None:
         """One forward checked `checked` drafts (the model's, or else prompt lookup's, if any) and accepted the
         first `accepted` of them; `looked_up`: it looked for lookup drafts; `plain`: it ran at draft length 0."""
-        self._choice = None
-        if model_drafts:
+        choice, self._choice = self._choice, None
+        fade = self.plain_fade ** (1 / self.rows)  # per forward of the batch, not per row: a batch of 16 should
+        if model_drafts:  # not retry drafts 16 times sooner
             self.model.decay()
             self.model.add(checked, accepted)
-        elif plain:  # per forward of the batch, not per row: a batch of 16 should not retry drafts 16 times sooner
-            self.model.decay(PLAIN_FADE ** (1 / self.rows))
+        elif plain:
+            self.model.decay(fade)
+        if self.lookup and not looked_up and choice is not None and choice.lookup == 0:
+            self.looked_up.decay(fade)  # lookup left out by choice: its rates drift back to the prior
         if looked_up:  # (a feature drafter looks first and checks its model's drafts where lookup found none)
             self.looked_up.decay()
             self.lookup_tries, self.lookup_found = self.lookup_tries * DECAY, self.lookup_found * DECAY

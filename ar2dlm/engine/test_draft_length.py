@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 
 from ar2dlm.engine import DecodeParams, Engine
-from ar2dlm.engine.draft_length import MIN_EVIDENCE, Choice, DraftLengthChooser, verify_shape, verify_width
+from ar2dlm.engine.draft_length import DECAY, MIN_EVIDENCE, Choice, DraftLengthChooser, verify_shape, verify_width
 from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.params import add_decode_args, decode_params_from_args
 from ar2dlm.engine.test_verify import PROMPTS, _hf_greedy, _random_adapter_drafter, parent_and_dlm, tok  # noqa: F401
@@ -174,6 +175,55 @@ def test_plain_forwards_fade_the_evidence_until_drafts_are_tried_again():
         chooser.record(checked=chooser.choose().drafts, accepted=0, model_drafts=True)
         tries += 1
     assert 3 < tries < 10
+
+
+def _feature_chooser(max_drafts=3, lookup=False):
+    return DraftLengthChooser(max_drafts, False, lambda shapes, rows: {s: _steep(*s) for s in shapes}, lookup=lookup,
+                              drafter_cost=lambda rows: 0.3)
+
+
+def test_a_feature_drafter_tries_its_drafts_again_soon():
+    """Its drafts cost one drafter call and a few positions more, so a bad stretch (a dozen forwards at the start of
+    an answer) must not switch them off for hundreds of forwards: the evidence ages at DECAY in plain forwards."""
+    feature, masks = _feature_chooser(), _chooser(_steep)
+    for chooser in (feature, masks):
+        for _ in range(100):
+            chooser.record(checked=3, accepted=0, model_drafts=True)
+        assert chooser.choose().drafts == 0
+    evidence = feature.model.offered[0]
+    plain = _plain_records_until_retry(feature)
+    assert plain <= math.log(evidence / MIN_EVIDENCE) / -math.log(DECAY) + 1  # at the latest at MIN_EVIDENCE
+    assert plain * 5 < _plain_records_until_retry(masks)
+
+
+def test_a_feature_drafter_may_look_up_while_exploring():
+    """Where lookup finds none its drafter's drafts are checked, so exploring need not give lookup up."""
+    chooser = _feature_chooser(lookup=True)
+    for _ in range(3):  # lookup finds drafts and all are accepted
+        chooser.record(checked=3, accepted=3, model_drafts=False, looked_up=True)
+    assert chooser.exploring and chooser.choose().drafts > 0 and chooser.choose().lookup > 0
+
+
+def _forwards_until_lookup_is_tried_again(chooser, most: int = 400) -> int:
+    for forwards in range(most):
+        choice = chooser.choose()
+        if choice.lookup:
+            return forwards
+        chooser.record(checked=choice.drafts, accepted=min(choice.drafts, 1), model_drafts=True)
+    return most
+
+
+def test_lookup_left_out_by_choice_is_tried_again():
+    """A low estimate of lookup's drafts ages in the forwards that leave lookup out, until lookup is tried again;
+    without the aging it would be kept for good (those forwards teach nothing about lookup)."""
+    aging, kept = _feature_chooser(lookup=True), _feature_chooser(lookup=True)
+    kept.plain_fade = 1.0
+    for chooser in (aging, kept):
+        for _ in range(100):  # lookup finds drafts in half the forwards, all wrong; the model's first draft is right
+            chooser.record(checked=3, accepted=0, model_drafts=False, looked_up=True)
+            chooser.record(checked=3, accepted=1, model_drafts=True, looked_up=True)
+        assert chooser.choose().lookup == 0
+    assert _forwards_until_lookup_is_tried_again(aging) < 400 == _forwards_until_lookup_is_tried_again(kept)
 
 
 def test_a_batch_fades_per_forward_not_per_row():
