@@ -48,6 +48,10 @@ class DecodeParams:
         "help": "verify: draft by prompt lookup (the tokens that followed the last earlier occurrence of the final "
                 "3 or 2 tokens) when the model has no drafts for a forward (a gated drafter after a rejected "
                 "draft); a feature drafter checks lookup drafts first wherever they are found"})
+    draft_tree: bool = field(default=False, metadata={
+        "help": "verify with a feature drafter, greedy: check its draft_len likeliest continuations as a tree in "
+                "one forward (its second and third choices where it is unsure) instead of one chain of drafts; "
+                "draft_len may then exceed the block size - 1 (sampled decoding checks a chain)"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
@@ -83,6 +87,11 @@ class DecodeParams:
             raise Ar2dlmError("draft_every_length is a setting of the verify policy")
         if self.lookup_drafts and self.policy != "verify":
             raise Ar2dlmError("lookup_drafts is a setting of the verify policy")
+        if self.draft_tree and self.policy != "verify":
+            raise Ar2dlmError("draft_tree is a setting of the verify policy")
+        if self.draft_tree and (self.draft_len == AUTO or self.draft_every_length):
+            raise Ar2dlmError("draft_tree takes a fixed number of drafts (e.g. verify:12+tree), not draft_len auto "
+                              "or drafts for every acceptance length")
         if self.block_parallel and self.policy in ("ar", "verify"):
             raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
         if self.draft_len is not None and self.draft_len != AUTO and (
@@ -115,7 +124,7 @@ class DecodeParams:
         else:
             base = self.policy
         return (base + ("+bp" if self.block_parallel else "") + ("+all" if self.draft_every_length else "")
-                + ("+lookup" if self.lookup_drafts else ""))
+                + ("+lookup" if self.lookup_drafts else "") + ("+tree" if self.draft_tree else ""))
 
     def replace(self, **changes) -> "DecodeParams":
         return dataclasses.replace(self, **changes)
@@ -125,12 +134,13 @@ class DecodeParams:
     def from_spec(cls, text: str, **base) -> "DecodeParams":
         """`threshold:0.9`, `entropy:0.5` (nats), `steps:2` (tokens a forward), `ar`, `verify:3` (drafts a forward);
         a bare name takes the default value; a `+bp` suffix turns on multi-block decoding, `+all` drafts for every
-        acceptance length (verify), `+lookup` adds prompt-lookup drafts (verify). `base` gives the other fields."""
+        acceptance length (verify), `+lookup` adds prompt-lookup drafts (verify), `+tree` checks a feature drafter's
+        drafts as a tree (verify). `base` gives the other fields."""
         spec = text.strip()
         body, *suffixes = spec.split("+")
-        unknown = sorted(set(suffixes) - {"bp", "all", "lookup"})
+        unknown = sorted(set(suffixes) - {"bp", "all", "lookup", "tree"})
         if unknown:
-            raise Ar2dlmError(f"unknown suffix +{unknown[0]} in spec {spec!r} (accepted: +bp, +all, +lookup)")
+            raise Ar2dlmError(f"unknown suffix +{unknown[0]} in spec {spec!r} (accepted: +bp, +all, +lookup, +tree)")
         bp, every_length = "bp" in suffixes, "all" in suffixes
         name, sep, value = body.partition(":")
         name, value = name.strip(), value.strip()
@@ -143,6 +153,8 @@ class DecodeParams:
             fields["draft_every_length"] = True
         if "lookup" in suffixes:
             fields["lookup_drafts"] = True
+        if "tree" in suffixes:
+            fields["draft_tree"] = True
         if name == "ar" and value:
             raise Ar2dlmError(f"the ar policy takes no value, got {spec!r}")
         if name == "steps" and value:
@@ -266,7 +278,8 @@ def policy_was_given(args: argparse.Namespace) -> bool:
     has was given, e.g. --draft-every-length, else `threshold`), and `for_model` decides once the model is open."""
     given = args.policy is not None
     if not given:
-        verify_only = getattr(args, "draft_every_length", False) or getattr(args, "lookup_drafts", False)
+        verify_only = any(getattr(args, name, False) for name in ("draft_every_length", "lookup_drafts",
+                                                                   "draft_tree"))
         args.policy = "verify" if verify_only else "threshold"
     return given
 
@@ -276,7 +289,7 @@ def for_model(params: DecodeParams, dlm, policy_given: bool) -> DecodeParams:
     prompt-lookup drafts where it has none and the draft length chosen for this machine (`auto`, unless one was
     given), unless a policy was asked for (it is the parent, exactly); any other model keeps `params`."""
     if getattr(dlm.config, "drafter", False) and not policy_given:
-        draft_len = AUTO if params.draft_len is None else params.draft_len
+        draft_len = AUTO if params.draft_len is None and not params.draft_tree else params.draft_len
         return params.replace(policy="verify", block_parallel=False, lookup_drafts=True, draft_len=draft_len)
     return params
 

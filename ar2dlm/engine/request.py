@@ -44,7 +44,7 @@ class Request:
             draft_len = params.draft_len if fixed else max(1, model_config.block_size - 1)
             self.state = VerifyState(prompt_ids, max_new_tokens, draft_len, model_config.mask_token_id,
                                      model_config.token_shift, params.draft_every_length, draft_chooser,
-                                     params.lookup_drafts, feature_window)
+                                     params.lookup_drafts, feature_window, params.draft_tree)
         elif params.policy == "ar" and feature_window:
             # a feature drafter's `ar` is its unchanged parent alone: verify with no drafts (one causal forward per
             # token, no mask block: the parent never sees a mask token)

@@ -36,6 +36,9 @@ drafter always has drafts, so there lookup comes first: wherever the last tokens
 the lookup drafts and the drafter's call for it is skipped (answers that restate the prompt or repeat themselves are
 where lookup drafts run long and the drafter's short window sees least).
 
+With `tree` (greedy decoding of a feature drafter) the drafter's drafts are a tree of `draft_len` drafts, its
+likeliest continuations, instead of one chain, and the forward checks them all (engine/draft_tree.py).
+
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
 probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
 rejection sample from max(0, p - q) normalised; the committed tokens are then distributed exactly as the AR model's
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import torch
 
+from ar2dlm.engine.draft_tree import DraftTree, grow_tree, layout, tree_visibility, walk
 from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.sampling import Sampling, filtered_probs
@@ -56,7 +60,8 @@ class VerifyState:
     """One sequence decoded by draft-and-verify; the same interface as `BlockState` for the scheduler and runner."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, draft_len: int, mask_id: int, token_shift: bool,
-                 every_length: bool = False, chooser=None, lookup: bool = False, feature_window: int = 0):
+                 every_length: bool = False, chooser=None, lookup: bool = False, feature_window: int = 0,
+                 tree: bool = False):
         if not token_shift:
             raise Ar2dlmError("the verify policy needs a model with token shift (its clean positions predict the "
                               "next token, as an AR model does)")
@@ -65,7 +70,16 @@ class VerifyState:
         if feature_window and every_length:
             raise Ar2dlmError("drafts for every acceptance length (+all) are for a gated drafter: a feature drafter "
                               "drafts after every forward, whatever was accepted")
+        if tree and not feature_window:
+            raise Ar2dlmError("tree drafts are a feature drafter's (its per-position distributions make the tree); a "
+                              "mask-block drafter checks one chain")
+        if tree and chooser is not None:
+            raise Ar2dlmError("tree drafts take a fixed number of drafts (e.g. verify:12+tree), not auto")
         self.feature_window = feature_window
+        self.tree = tree
+        self._tree: DraftTree | None = None  # the drafter's drafts as a tree (their tokens are also `drafts`)
+        self._fed_tree: tuple[list[int], list[int]] | None = None  # the last plan's tree drafts: (indices, parents)
+        self.featured = 0  # positions whose parent features the context has taken (a feature drafter)
         self.context: torch.Tensor | None = None  # a feature drafter's input: parent features of the last positions
         self.prompt_len = len(prompt_ids)
         self.limit = self.prompt_len + max_new_tokens
@@ -96,8 +110,11 @@ class VerifyState:
     @property
     def slot_limit(self) -> int:
         """Cache slots this sequence may write: its length limit, and with drafts for every acceptance length the
-        mask blocks past it (at most `draft_len + 1` blocks of `draft_len + 1` masks)."""
-        return self.limit + (self.max_draft_len + 1) ** 2 if self.every_length else self.limit
+        mask blocks past it (at most `draft_len + 1` blocks of `draft_len + 1` masks); tree drafts sit in the
+        slots after the committed tokens, at most `draft_len` of them."""
+        if self.every_length:
+            return self.limit + (self.max_draft_len + 1) ** 2
+        return self.limit + self.max_draft_len if self.tree else self.limit
 
     def _blocks(self, n: int, drafts: list[int]) -> list[tuple[int, int]]:
         """(accepted drafts assumed, drafts it makes) for each mask block this forward feeds: the block after all
@@ -123,6 +140,10 @@ class VerifyState:
             found = lookup_drafts(self.toks, lookup_len)
             if found or not self.feature_window:
                 self.drafts, self.draft_probs, self.looked_up = found, None, bool(found)
+                self._tree = None
+        self._fed_tree = None
+        if self._tree is not None:
+            return self._tree_plan()
         n, drafts = len(self.toks), self._fed_drafts()
         start, clean_end = self.cached, n + len(drafts)
         self._fed_blocks = [] if self.feature_window else \
@@ -147,11 +168,27 @@ class VerifyState:
         return Plan(start, slot, start, logit_pos, ids=ids, positions=positions,
                     visible=_every_length_visibility(owner, positions, seen_upto))
 
+    def _tree_plan(self) -> Plan:
+        """Feed [uncached committed | tree drafts], each draft at the position of its depth seeing the committed
+        tokens and its ancestors; read the logits of the last committed token and of every draft."""
+        n, start, tree = len(self.toks), self.cached, self._tree
+        fed = layout(tree, self.draft_len, self.limit - n - 1)
+        index = {node: j for j, node in enumerate(fed)}
+        parents = [index.get(tree.parents[node], -1) for node in fed]
+        self._fed_tree = (fed, parents)
+        committed = n - start
+        return Plan(start, n + len(fed), start, list(range(n - 1, n + len(fed))),
+                    ids=self.toks[start:] + [tree.tokens[node] for node in fed],
+                    positions=list(range(start, n)) + [n - 1 + tree.depths[node] for node in fed],
+                    visible=tree_visibility(committed, parents))
+
     def apply(self, plan: Plan, logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
               generator: torch.Generator | None, features: torch.Tensor | None = None) -> tuple[int, int]:
         """Accept drafts against the clean logits (rows 0 .. len(drafts)), take the next drafts from the rows of
         the mask block that assumed exactly the accepted drafts (a feature drafter: keep the parent `features` of
         the fed positions now committed); returns the committed length before and after."""
+        if self._fed_tree is not None:
+            return self._apply_tree(plan, logits, features)
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
@@ -165,10 +202,10 @@ class VerifyState:
             self.chooser.record(len(drafts), accepted, model_drafts=bool(drafts) and not self.looked_up,
                                 looked_up=self._looked_for, plain=self.draft_len == 0)
         if self.feature_window:  # fed slots from the cached length on; those up to the last accepted draft count
-            self._keep_context(features, old - plan.fed_start + accepted)
+            self._keep_context(features, plan.fed_start, list(range(old - plan.fed_start + accepted)))
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
-        self.drafts, self.draft_probs, self.looked_up = [], None, False
+        self.drafts, self.draft_probs, self.looked_up, self._tree = [], None, False, None
         row = len(drafts) + 1
         for a, made in self._fed_blocks:
             if a == accepted:
@@ -176,10 +213,34 @@ class VerifyState:
             row += made
         return old, len(self.toks)
 
-    def _keep_context(self, features: torch.Tensor | None, committed: int) -> None:
+    def _apply_tree(self, plan: Plan, logits: torch.Tensor, features: torch.Tensor | None) -> tuple[int, int]:
+        """The parent's greedy walk through the fed tree: its longest agreeing path and its token after it. The
+        cache stays valid up to where the path leaves the greedy chain (those drafts sit in their own slots)."""
+        self.nfe += 1
+        (fed, parents), tree, old = self._fed_tree, self._tree, len(self.toks)
+        tokens = [tree.tokens[node] for node in fed]
+        choices = logits[:len(fed) + 1].argmax(-1).tolist()
+        path = walk(tokens, parents, choices)
+        token = choices[path[-1] + 1 if path else 0]
+        self.offered_drafts += len(fed)
+        self.accepted_drafts += len(path)
+        on_chain = next((k for k, j in enumerate(path) if j != k), len(path))  # path[k] == k: chain draft k's slot
+        committed = old - plan.fed_start
+        self._keep_context(features, plan.fed_start, list(range(committed)) + [committed + j for j in path])
+        self.toks += [tokens[j] for j in path] + [token]
+        self.cached = old + on_chain
+        self.drafts, self.draft_probs, self.looked_up, self._tree, self._fed_tree = [], None, False, None, None
+        return old, len(self.toks)
+
+    def _keep_context(self, features: torch.Tensor | None, fed_start: int, rows: list[int]) -> None:
+        """Add the parent features of newly committed positions: the fed `rows` ([fed, F] row indices, in position
+        order from `fed_start`) past those taken already (a tree's side branch is fed again after its forward)."""
         if features is None:
             raise Ar2dlmError("a feature drafter's verify forward came without the parent's features")
-        context = features[:committed] if self.context is None else torch.cat([self.context, features[:committed]])
+        rows = rows[max(self.featured - fed_start, 0):]
+        self.featured += len(rows)
+        new = features[rows]
+        context = new if self.context is None else torch.cat([self.context, new])
         self.context = context[-self.feature_window:]
 
     @property
@@ -198,11 +259,16 @@ class VerifyState:
 
     def set_drafts(self, draft_logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
                    generator: torch.Generator | None) -> None:
-        """The feature drafter's logits [D, V] after the last committed token become the next drafts."""
-        self.drafts, self.draft_probs = policy.draft(draft_logits, sampling, generator)
+        """The feature drafter's logits [D, V] after the last committed token become the next drafts: a tree of
+        `draft_len` drafts with `tree` in greedy decoding, else a chain."""
+        if self.tree and sampling.greedy:
+            self._tree = grow_tree(draft_logits, self.draft_len)
+            self.drafts, self.draft_probs = self._tree.tokens, None
+        else:
+            self.drafts, self.draft_probs = policy.draft(draft_logits, sampling, generator)
 
     def release(self) -> None:
-        self.drafts, self.draft_probs, self.context = [], None, None
+        self.drafts, self.draft_probs, self.context, self._tree, self._fed_tree = [], None, None, None, None
 
 
 def _every_length_visibility(owner: list[int], positions: list[int], seen_upto: list[int]) -> torch.Tensor:
