@@ -45,13 +45,14 @@ def greedy(ar, tok, prompts, n=24):
                                                                                    stop_token_ids=()))]
 
 
-@pytest.mark.parametrize("draft_len,lookup", [(1, False), (3, False), (3, True), ("auto", True)])
+@pytest.mark.parametrize("draft_len,lookup,tree", [(1, False, False), (3, False, False), (3, True, False),
+                                                 ("auto", True, False), (5, False, True), (8, True, True)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_greedy_verify_is_the_parent(models, draft_len, lookup, fused):
+def test_greedy_verify_is_the_parent(models, draft_len, lookup, tree, fused):
     tok, ar, drafter, _ = models
     want = greedy(ar, tok, PROMPTS)
     params = DecodeParams(policy="verify", draft_len=draft_len, max_new_tokens=24, stop_token_ids=(),
-                          lookup_drafts=lookup)
+                          lookup_drafts=lookup, draft_tree=tree)
     engine = Engine(drafter, tok, fused=fused)
     assert [r.tokens for r in engine.generate_batch(PROMPTS, params)] == want  # batched
     assert [engine.generate(p, params).tokens for p in PROMPTS] == want  # one at a time
@@ -104,6 +105,64 @@ def test_oracle_drafts_commit_whole_blocks(models, monkeypatch):
     assert res.nfe == 1 + (24 - 1 + 3) // 4  # the prefill commits 1 token, then 4 per forward
 
 
+def _second_choice_oracle(full: list[int], holder: dict, vocab: int):
+    """A drafter whose first draft puts the parent's true token second (a wrong one first) and every later draft
+    first: the right continuation is only on a side branch of a tree."""
+    def oracle(self, contexts, anchors, drafts):
+        out = torch.full((len(anchors), drafts, vocab), -10.0)
+        at = len(holder["state"].toks) - 1
+        for k in range(drafts):
+            if at + 1 + k < len(full):
+                out[0, k, full[at + 1 + k]] = 10.0
+        if at + 1 < len(full):
+            out[0, 0, (full[at + 1] + 1) % vocab] = 11.0
+        return out
+    return oracle
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tree_drafts_take_the_drafters_second_choice(models, monkeypatch, fused):
+    """A tree of 6 drafts holds the drafter's wrong first choice with its continuation and its right second choice
+    with the true continuation: every forward commits 4 tokens along the side branch (a chain would commit 1), the
+    output is the parent's, and the context the drafter reads stays the parent's features although the cache is
+    kept only up to where the path left the greedy chain (the branch is fed again)."""
+    tok, ar, drafter, _ = models
+    ids = tok(PROMPTS[0])["input_ids"]
+    want = greedy(ar, tok, [ids], n=24)[0]
+    holder = {}
+    vocab = drafter.backbone.get_input_embeddings().weight.shape[0]
+    monkeypatch.setattr(ModelRunner, "draft", _second_choice_oracle(ids + want, holder, vocab))
+    engine = Engine(drafter, tok, fused=fused)
+    rid = engine.add_request(ids, DecodeParams(policy="verify", draft_len=6, draft_tree=True, max_new_tokens=24,
+                                               stop_token_ids=()))
+    state = holder["state"] = engine.requests[rid].state
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                res = out.result
+        if state.context is not None and len(state.toks) < len(ids) + 24:
+            whole = drafter.features_of(torch.tensor([state.toks]))[0]
+            n = state.context.shape[0]
+            assert torch.allclose(state.context, whole[len(state.toks) - 1 - n:len(state.toks) - 1], atol=1e-4)
+            if state.nfe > 1:  # after the prompt's forward: the branch's 3 drafts are not in the cache
+                assert state.cached == len(state.toks) - 4
+    assert res.tokens == want
+    assert res.nfe == 1 + (24 - 1 + 3) // 4
+    chain = Engine(drafter, tok, fused=fused).generate(ids, DecodeParams(
+        policy="verify", draft_len=3, max_new_tokens=24, stop_token_ids=()))
+    assert chain.tokens == want and chain.nfe == 24
+
+
+def test_sampled_tree_checks_a_chain(models):
+    """Sampled decoding has no tree acceptance rule: +tree samples and checks the same chain as without it."""
+    tok, _, drafter, _ = models
+    params = DecodeParams(policy="verify", draft_len=3, max_new_tokens=16, stop_token_ids=(), temperature=0.8,
+                          seed=5)
+    engine = Engine(drafter, tok)
+    assert engine.generate(PROMPTS[0], params.replace(draft_tree=True)).tokens == \
+        engine.generate(PROMPTS[0], params).tokens
+
+
 def test_engine_features_are_the_parents(models):
     """The context the drafter reads after each forward is the parent's hidden states of the committed positions
     (a full forward over the sequence gives the same), fused or Hugging Face forward alike."""
@@ -121,6 +180,17 @@ def test_engine_features_are_the_parents(models):
             whole = drafter.features_of(torch.tensor([state.toks]))[0]
             n = state.context.shape[0]
             assert torch.allclose(state.context, whole[len(state.toks) - 1 - n:len(state.toks) - 1], atol=1e-4)
+
+
+def test_tree_drafts_are_refused_where_they_cannot_work(models):
+    tok, ar, _, _ = models
+    with pytest.raises(Ar2dlmError, match="tree drafts are a feature drafter's"):
+        Engine(ar, tok).generate(PROMPTS[0], DecodeParams(policy="verify", draft_len=3, draft_tree=True,
+                                                          max_new_tokens=4))
+    for bad in ({"draft_len": "auto"}, {"draft_every_length": True}, {"policy": "ar"}):
+        with pytest.raises(Ar2dlmError, match="draft_tree"):
+            DecodeParams.from_mapping({"policy": "verify", "draft_len": 3, "draft_tree": True, **bad})
+    assert DecodeParams.from_spec("verify:12+lookup+tree").label == "verify:12+lookup+tree"
 
 
 def test_feature_drafter_refuses_drafts_for_every_length(models):
