@@ -50,7 +50,7 @@ def _finished_run(repo: Path, folder: str = RUN) -> None:
 def test_by_default_the_shipped_dlm_is_benched_beside_its_parent(repo):
     res, calls = _main_sh(repo, "--max-new-tokens", "32")
     assert res.returncode == 0, res.stderr
-    assert calls == ["bench --model smollm2-135m-dlm --policies verify:3,verify+lookup,verify:auto+lookup"
+    assert calls == ["bench --model smollm2-135m-dlm --policies verify,verify+tree,verify:auto+lookup+tree"
                      " --batch-sizes 1 --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "
                      "--max-new-tokens 32"]
 

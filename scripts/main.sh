@@ -3,8 +3,9 @@
 #
 #   bash scripts/main.sh            # the shipped dLM (smollm2-135m-dlm, a feature drafter for SmolLM2-135M-Instruct)
 #                                   # beside its AR parent on the same prompts: HF generate, HF prompt-lookup decoding,
-#                                   # our engine's ar, and the lossless verify policy with 7 and 3 drafts and with the
-#                                   # draft length chosen for this machine (tokens/s, tokens per forward, agreement
+#                                   # our engine's ar, and the lossless verify policy with a chain of 7 drafts, a tree
+#                                   # of 7, and its default decoding (lookup first, a tree of drafts, their number
+#                                   # chosen for this machine) (tokens/s, tokens per forward, agreement
 #                                   # with the parent). Extra arguments go to `ar2dlm bench`.
 #   bash scripts/main.sh convert    # convert the parent into a dLM yourself with the default recipe (about 20
 #                                   # minutes on 2 idle cores), then compare it with the parent. Extra arguments go
@@ -17,7 +18,7 @@ source "$(dirname "$0")/env.sh"
 
 if [ "${1:-}" != convert ]; then
   mkdir -p runs/main
-  ar2dlm bench --model smollm2-135m-dlm --policies verify:3,verify+lookup,verify:auto+lookup \
+  ar2dlm bench --model smollm2-135m-dlm --policies verify,verify+tree,verify:auto+lookup+tree \
     --batch-sizes 1 --max-new-tokens 64 --json-out runs/main/bench.json --plot-out runs/main/bench.png "$@"
   exit
 fi

@@ -46,7 +46,8 @@ def greedy(ar, tok, prompts, n=24):
 
 
 @pytest.mark.parametrize("draft_len,lookup,tree", [(1, False, False), (3, False, False), (3, True, False),
-                                                 ("auto", True, False), (5, False, True), (8, True, True)])
+                                                 ("auto", True, False), (5, False, True), (8, True, True),
+                                                 ("auto", True, True)])
 @pytest.mark.parametrize("fused", [True, False])
 def test_greedy_verify_is_the_parent(models, draft_len, lookup, tree, fused):
     tok, ar, drafter, _ = models
@@ -187,7 +188,7 @@ def test_tree_drafts_are_refused_where_they_cannot_work(models):
     with pytest.raises(Ar2dlmError, match="tree drafts are a feature drafter's"):
         Engine(ar, tok).generate(PROMPTS[0], DecodeParams(policy="verify", draft_len=3, draft_tree=True,
                                                           max_new_tokens=4))
-    for bad in ({"draft_len": "auto"}, {"draft_every_length": True}, {"policy": "ar"}):
+    for bad in ({"draft_every_length": True}, {"policy": "ar"}):
         with pytest.raises(Ar2dlmError, match="draft_tree"):
             DecodeParams.from_mapping({"policy": "verify", "draft_len": 3, "draft_tree": True, **bad})
     assert DecodeParams.from_spec("verify:12+lookup+tree").label == "verify:12+lookup+tree"
@@ -269,7 +270,8 @@ def test_other_policies_are_refused(models):
 
 
 def test_served_answers_are_the_parents(models, tmp_path):
-    """Through `serve`'s app and the real OpenAI client: the default decoding of a drafter (verify:auto+lookup)
+    """Through `serve`'s app and the real OpenAI client: the default decoding of a feature drafter
+    (verify:auto+lookup+tree)
     answers with the parent's own text, streamed or not; a lossy policy is a 400."""
     import openai
 
@@ -279,7 +281,7 @@ def test_served_answers_are_the_parents(models, tmp_path):
     from ar2dlm.serving.settings import ServeSettings
 
     tok, ar, drafter, _ = models
-    defaults = DecodeParams(policy="verify", draft_len=AUTO, lookup_drafts=True, max_new_tokens=12)
+    defaults = DecodeParams(policy="verify", draft_len=AUTO, lookup_drafts=True, draft_tree=True, max_new_tokens=12)
     messages = [{"role": "user", "content": PROMPTS[0]}]
     from ar2dlm.engine import encode_prompt
 

@@ -119,11 +119,11 @@ class Engine:
                         "stream), not its parent's; a gated drafter (convert --drafter) verifies with the parent")
 
     def _draft_chooser(self, params: DecodeParams) -> DraftLengthChooser | None:
-        """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout and use of
-        prompt lookup; its forward costs are measured on first use)."""
+        """The engine's chooser of draft lengths for `verify` with draft_len auto (one per drafting layout, use of
+        prompt lookup and tree drafts, whose acceptance differs; its forward costs are measured on first use)."""
         if params.policy != "verify" or params.draft_len != AUTO:
             return None
-        key = (params.draft_every_length, params.lookup_drafts)
+        key = (params.draft_every_length, params.lookup_drafts, params.draft_tree)
         if key not in self._choosers:
             feature = bool(self.runner.feature_window)
             self._choosers[key] = DraftLengthChooser(

@@ -89,9 +89,8 @@ class DecodeParams:
             raise Ar2dlmError("lookup_drafts is a setting of the verify policy")
         if self.draft_tree and self.policy != "verify":
             raise Ar2dlmError("draft_tree is a setting of the verify policy")
-        if self.draft_tree and (self.draft_len == AUTO or self.draft_every_length):
-            raise Ar2dlmError("draft_tree takes a fixed number of drafts (e.g. verify:12+tree), not draft_len auto "
-                              "or drafts for every acceptance length")
+        if self.draft_tree and self.draft_every_length:
+            raise Ar2dlmError("draft_tree and draft_every_length are two ways to draft; choose one")
         if self.block_parallel and self.policy in ("ar", "verify"):
             raise Ar2dlmError(f"block-parallel decoding needs threshold/entropy/steps, not {self.policy}")
         if self.draft_len is not None and self.draft_len != AUTO and (
@@ -285,12 +284,15 @@ def policy_was_given(args: argparse.Namespace) -> bool:
 
 
 def for_model(params: DecodeParams, dlm, policy_given: bool) -> DecodeParams:
-    """The decoding parameters a model gets by default: a gated drafter decodes with its lossless `verify`, with
-    prompt-lookup drafts where it has none and the draft length chosen for this machine (`auto`, unless one was
-    given), unless a policy was asked for (it is the parent, exactly); any other model keeps `params`."""
+    """The decoding parameters a model gets by default: a drafter decodes with its lossless `verify`, with
+    prompt-lookup drafts where it has none (a feature drafter: first, and its own drafts as a tree) and the draft
+    length chosen for this machine (`auto`, unless one was given), unless a policy was asked for (it is the parent,
+    exactly); any other model keeps `params`."""
     if getattr(dlm.config, "drafter", False) and not policy_given:
-        draft_len = AUTO if params.draft_len is None and not params.draft_tree else params.draft_len
-        return params.replace(policy="verify", block_parallel=False, lookup_drafts=True, draft_len=draft_len)
+        draft_len = AUTO if params.draft_len is None else params.draft_len
+        tree = params.draft_tree or bool(getattr(dlm, "drafts_from_features", False))
+        return params.replace(policy="verify", block_parallel=False, lookup_drafts=True, draft_len=draft_len,
+                              draft_tree=tree)
     return params
 
 

@@ -313,7 +313,7 @@ def test_engine_auto_chooses_per_forward_and_keeps_the_output(tok, parent_and_dl
                           draft_every_length=every_length)
     results = engine.generate_batch(PROMPTS, params)
     assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 14) for p in PROMPTS]
-    chooser = engine._choosers[(every_length, False)]
+    chooser = engine._choosers[(every_length, False, False)]
     assert sum(chooser.model.offered) > 0 and (1, 0) in chooser.cost_at(1)
 
 
@@ -323,14 +323,14 @@ def test_engine_turns_to_plain_forwards_where_drafts_do_not_pay(tok, parent_and_
     runs forwards of one position (plus lookup drafts), and the output stays the AR model's."""
     parent, _ = parent_and_dlm
     engine = Engine(_random_adapter_drafter(tok, scale=3.0), tok, max_running=1)
-    engine._choosers[(False, lookup)] = DraftLengthChooser(
+    engine._choosers[(False, lookup, False)] = DraftLengthChooser(
         3, False, lambda shapes, rows: {s: _steep(*s) for s in shapes}, lookup)
     forwards = record_forwards(engine.runner)
     params = DecodeParams(policy="verify", draft_len="auto", max_new_tokens=80, stop_token_ids=(),
                           lookup_drafts=lookup)
     prompt = PROMPTS[0]
     assert engine.generate_batch([prompt], params)[0].tokens == _hf_greedy(parent, tok(prompt)["input_ids"], 80)
-    chooser = engine._choosers[(False, lookup)]
+    chooser = engine._choosers[(False, lookup, False)]
     assert chooser.model.rates()[0] < 0.3 and chooser.choose().drafts == 0
     widths = [fed for _, fed, _ in forwards[1:]]  # after the prompt's forward
     widest_plain = 1 + (3 if lookup else 0)
@@ -347,7 +347,7 @@ def test_engine_chooses_for_the_batch_it_runs(tok, parent_and_dlm):  # noqa: F81
         asked.append(rows)
         return {(width, masks): 1.0 + 0.1 * (rows * width - 1) for width, masks in shapes}
 
-    engine._choosers[(False, False)] = DraftLengthChooser(3, False, cost)
+    engine._choosers[(False, False, False)] = DraftLengthChooser(3, False, cost)
     params = DecodeParams(policy="verify", draft_len="auto", max_new_tokens=12, stop_token_ids=())
     results = engine.generate_batch(PROMPTS, params)
     assert [r.tokens for r in results] == [_hf_greedy(parent, tok(p)["input_ids"], 12) for p in PROMPTS]
@@ -358,7 +358,7 @@ def test_a_lookup_of_a_plan_that_never_ran_is_looked_up_again_and_recorded(tok):
     """The scheduler plans new requests to size the prefill group and then plans the chosen ones again: the lookup
     drafts of the first plan must not hide the second one's lookup from the statistics."""
     engine = Engine(_random_adapter_drafter(tok), tok, max_running=1)
-    chooser = engine._choosers[(False, True)] = DraftLengthChooser(3, False, lambda shapes, rows: {
+    chooser = engine._choosers[(False, True, False)] = DraftLengthChooser(3, False, lambda shapes, rows: {
         s: 1.0 for s in shapes}, lookup=True)
     chooser.model.offered[0] = chooser.model.accepted[0] = 4 * MIN_EVIDENCE  # not exploring: lookup is allowed
     records = []

@@ -73,8 +73,6 @@ class VerifyState:
         if tree and not feature_window:
             raise Ar2dlmError("tree drafts are a feature drafter's (its per-position distributions make the tree); a "
                               "mask-block drafter checks one chain")
-        if tree and chooser is not None:
-            raise Ar2dlmError("tree drafts take a fixed number of drafts (e.g. verify:12+tree), not auto")
         self.feature_window = feature_window
         self.tree = tree
         self._tree: DraftTree | None = None  # the drafter's drafts as a tree (their tokens are also `drafts`)
@@ -133,7 +131,7 @@ class VerifyState:
         if self.chooser is not None:
             self.draft_len, lookup_len = self.chooser.choose()
             if self.draft_len == 0:  # a plain forward: no mask block, and the model's drafts are not checked
-                self.drafts, self.draft_probs = [], None
+                self.drafts, self.draft_probs, self._tree = [], None, None
         # a feature drafter's drafts always exist: lookup drafts, where found, come first (its call was skipped)
         self._looked_for = lookup_len > 0 and (not self.drafts or bool(self.feature_window))
         if self._looked_for:
@@ -224,6 +222,8 @@ class VerifyState:
         token = choices[path[-1] + 1 if path else 0]
         self.offered_drafts += len(fed)
         self.accepted_drafts += len(path)
+        if self.chooser is not None:  # a tree of D drafts priced as D drafts checked, at the tree's acceptance
+            self.chooser.record(len(fed), len(path), model_drafts=True, looked_up=self._looked_for)
         on_chain = next((k for k, j in enumerate(path) if j != k), len(path))  # path[k] == k: chain draft k's slot
         committed = old - plan.fed_start
         self._keep_context(features, plan.fed_start, list(range(committed)) + [committed + j for j in path])
@@ -262,7 +262,7 @@ class VerifyState:
         """The feature drafter's logits [D, V] after the last committed token become the next drafts: a tree of
         `draft_len` drafts with `tree` in greedy decoding, else a chain."""
         if self.tree and sampling.greedy:
-            self._tree = grow_tree(draft_logits, self.draft_len)
+            self._tree = grow_tree(draft_logits, self.max_draft_len)  # the next forward checks its best draft_len
             self.drafts, self.draft_probs = self._tree.tokens, None
         else:
             self.drafts, self.draft_probs = policy.draft(draft_logits, sampling, generator)

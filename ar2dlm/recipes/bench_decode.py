@@ -84,7 +84,8 @@ def parse_batch_sizes(text: str) -> list[int]:
 DECODE_DEFAULTS = {"max_new_tokens": 128}
 DLM_POLICIES = "threshold:0.9,threshold:0.7,entropy:0.5"
 DRAFTER_POLICIES = "verify,verify:auto+lookup,verify:auto+all,threshold:0.9"
-FEATURE_DRAFTER_POLICIES = "verify,verify:auto+lookup"  # it has no mask block (+all) and is not a dLM (threshold)
+# a feature drafter has no mask block (+all) and is not a dLM (threshold): its chain, its tree, its default decoding
+FEATURE_DRAFTER_POLICIES = "verify,verify+tree,verify:auto+lookup+tree"
 # The specs set the policy; every method decodes greedily, as HF generate does, so agreement means something.
 DECODE_SKIP = ("policy", "tau", "steps_per_forward", "draft_len", "block_parallel", "temperature", "top_p", "top_k",
                "seed", "stop_strings")

@@ -42,6 +42,8 @@ def test_a_drafter_serves_verify_unless_told_otherwise(monkeypatch):
     recipe, cfg = _config("--model", "runs/r1/model", "--tau", "0.7")
     assert recipe.server_defaults(cfg, drafter).label == "verify:auto+lookup"  # the draft length for this machine
     assert recipe.server_defaults(cfg, plain).label == "threshold:0.7"
+    feature = SimpleNamespace(config=SimpleNamespace(drafter=True), drafts_from_features=True)
+    assert recipe.server_defaults(cfg, feature).label == "verify:auto+lookup+tree"  # its drafts as a tree
     recipe, cfg = _config("--model", "m", "--draft-len", "2")
     assert recipe.server_defaults(cfg, drafter).label == "verify:2+lookup"
     recipe, cfg = _config("--model", "m", "--policy", "entropy")
