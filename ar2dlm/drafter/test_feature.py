@@ -154,14 +154,23 @@ def test_tree_drafts_take_the_drafters_second_choice(models, monkeypatch, fused)
     assert chain.tokens == want and chain.nfe == 24
 
 
-def test_sampled_tree_checks_a_chain(models):
-    """Sampled decoding has no tree acceptance rule: +tree samples and checks the same chain as without it."""
+def test_sampled_tree_keeps_the_parents_joint_distribution(models, monkeypatch):
+    """Sampled, a tree's children are tried in turn as one-hot proposals: the first two tokens still follow the
+    parent's joint distribution (top-3 sampling, chi-square at p = 0.001), the second one checked against a tree of 4
+    drafts whose first-level candidates are the likeliest tokens of a fixed distribution over the parent's possible
+    second tokens plus one it never picks."""
     tok, _, drafter, _ = models
-    params = DecodeParams(policy="verify", draft_len=3, max_new_tokens=16, stop_token_ids=(), temperature=0.8,
-                          seed=5)
-    engine = Engine(drafter, tok)
-    assert engine.generate(PROMPTS[0], params.replace(draft_tree=True)).tokens == \
-        engine.generate(PROMPTS[0], params).tokens
+    ids = tok(PROMPTS[0])["input_ids"]
+    joint = first_two_joint(drafter, ids, Sampling(temperature=0.3, top_k=3))
+    fixed_q = fixed_proposal(joint, drafter.backbone.get_input_embeddings().weight.shape[0])
+    monkeypatch.setattr(ModelRunner, "draft", lambda self, contexts, anchors, drafts: fixed_q.clamp_min(1e-9).log()
+                        .expand(len(anchors), drafts, -1))
+    n = 1500
+    counts, offered, accepted = sample_pairs(Engine(drafter, tok, max_running=16), ids, [
+        DecodeParams(policy="verify", draft_len=4, draft_tree=True, temperature=0.3, top_k=3, seed=i,
+                     max_new_tokens=3, stop_token_ids=()) for i in range(n)])
+    assert 0 < accepted < offered
+    assert_follows_joint(counts, joint, n)
 
 
 def test_engine_features_are_the_parents(models):

@@ -1,4 +1,4 @@
-"""Tree drafts: a feature drafter's greedy drafts as a tree of its likeliest continuations, all checked in one forward.
+"""Tree drafts: a feature drafter's drafts as a tree of its likeliest continuations, all checked in one forward.
 
 The block drafter predicts every position of its block at once, a distribution per position (not per prefix), so
 its likeliest continuations are combinations of per-position choices (Medusa's trees; EAGLE-2 grows its trees by
@@ -12,7 +12,8 @@ tokens per forward where the chain of 7 commits 1.68 (16 drafts: 2.13).
 One forward checks the whole tree (engine/verify.py): each draft sits at the position of its depth and sees the
 committed tokens and its own ancestors only, so its logits are the parent's next-token logits after that path; the
 parent's greedy walk from the last committed token commits the longest path it agrees with plus its own next token,
-as with a chain. The drafts of the greedy chain come first in the forward, in the slots of their own positions, so
+as with a chain. Sampled, the walk is speculative sampling with the children of a node as deterministic proposals
+(`sampled_walk`), and the committed tokens are distributed exactly as the parent's own samples. The drafts of the greedy chain come first in the forward, in the slots of their own positions, so
 a walk along them leaves the K/V cache valid as a chain does; a walk onto a side branch keeps the cache up to where
 it left the chain, and the next forward feeds the branch's committed tokens again.
 """
@@ -23,6 +24,8 @@ import heapq
 from typing import NamedTuple
 
 import torch
+
+from ar2dlm.engine.sampling import Sampling, filtered_probs
 
 TOP_K = 4  # alternatives per position a tree may take (the 4th choice is rarely worth a slot)
 
@@ -76,6 +79,32 @@ def walk(tokens: list[int], parents: list[int], choices: list[int]) -> list[int]
         node = child[(node, choices[node + 1])]
         path.append(node)
     return path
+
+
+def sampled_walk(tokens: list[int], parents: list[int], logits: torch.Tensor, sampling: Sampling,
+                 generator: torch.Generator | None) -> tuple[list[int], int]:
+    """`walk` for sampled decoding: (the accepted drafts' indices, the token sampled after them). At each node its
+    children are tried in turn, each a deterministic (one-hot) proposal: accepted with its probability under the
+    parent's distribution `logits[node + 1]` less the children already rejected, renormalised (a one-hot proposal's
+    residual is the distribution without it). Each committed token is so distributed exactly as the parent's own
+    sample after the path (the argument of speculative sampling, applied once per child), and a node's children are
+    accepted with their whole probability mass together."""
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(parents):
+        children.setdefault(parent, []).append(j)
+    path, node = [], -1
+    while True:
+        probs = filtered_probs(logits[node + 1:node + 2], sampling)[0]
+        for child in children.get(node, []):
+            left = probs.sum()
+            if torch.rand((), generator=generator, device=probs.device) * left < probs[tokens[child]]:
+                path.append(child)
+                node = child
+                break
+            probs = probs.clone()
+            probs[tokens[child]] = 0.0
+        else:  # no child accepted (or a leaf): the parent's sample from what is left
+            return path, int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 def tree_visibility(committed: int, parents: list[int]) -> torch.Tensor:

@@ -49,9 +49,9 @@ class DecodeParams:
                 "3 or 2 tokens) when the model has no drafts for a forward (a gated drafter after a rejected "
                 "draft); a feature drafter checks lookup drafts first wherever they are found"})
     draft_tree: bool = field(default=False, metadata={
-        "help": "verify with a feature drafter, greedy: check its draft_len likeliest continuations as a tree in "
-                "one forward (its second and third choices where it is unsure) instead of one chain of drafts; "
-                "draft_len may then exceed the block size - 1 (sampled decoding checks a chain)"})
+        "help": "verify with a feature drafter: check its draft_len likeliest continuations as a tree in one "
+                "forward (its second and third choices where it is unsure) instead of one chain of drafts; "
+                "draft_len may then exceed the block size - 1"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})

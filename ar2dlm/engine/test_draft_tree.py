@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from ar2dlm.engine.draft_tree import grow_tree, layout, tree_visibility, walk
+from ar2dlm.engine.draft_tree import grow_tree, layout, sampled_walk, tree_visibility, walk
+from ar2dlm.engine.sampling import Sampling
 
 
 def _logits(probs: list[dict[int, float]], vocab: int = 10) -> torch.Tensor:
@@ -66,3 +67,24 @@ def test_a_draft_sees_the_committed_tokens_and_its_ancestors():
     assert visible[2:, :2].all()  # every draft sees every committed token
     drafts = visible[2:, 2:].int().tolist()
     assert drafts == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+def test_a_sampled_walk_commits_the_parents_distribution():
+    """Children 1 and 3 of the root tried as one-hot proposals, then a sample from what is left: the token committed
+    first is distributed as the parent's (p), children are accepted with their mass together, and an accepted
+    child's own child is tried against the row after it."""
+    p = torch.tensor([0.1, 0.4, 0.05, 0.25, 0.2])
+    # rows: the parent after the last committed token, then after each draft (token 1, token 3, token 4 after 1)
+    logits = torch.stack([p.log(), torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0]), torch.zeros(5), torch.zeros(5)])
+    tokens, parents = [1, 3, 4], [-1, -1, 0]
+    gen = torch.Generator().manual_seed(0)
+    n, firsts, accepted = 20000, torch.zeros(5), 0
+    for _ in range(n):
+        path, token = sampled_walk(tokens, parents, logits, Sampling(temperature=1.0), gen)
+        first = tokens[path[0]] if path else token
+        firsts[first] += 1
+        accepted += bool(path)
+        assert not path or path[0] in (0, 1)
+        assert len(path) < 2 or path == [0, 2]
+    assert torch.allclose(firsts / n, p, atol=0.012)
+    assert abs(accepted / n - 0.65) < 0.012  # p(1) + p(3)

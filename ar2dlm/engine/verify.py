@@ -36,8 +36,8 @@ drafter always has drafts, so there lookup comes first: wherever the last tokens
 the lookup drafts and the drafter's call for it is skipped (answers that restate the prompt or repeat themselves are
 where lookup drafts run long and the drafter's short window sees least).
 
-With `tree` (greedy decoding of a feature drafter) the drafter's drafts are a tree of `draft_len` drafts, its
-likeliest continuations, instead of one chain, and the forward checks them all (engine/draft_tree.py).
+With `tree` (a feature drafter) the drafter's drafts are a tree of `draft_len` drafts, its likeliest
+continuations, instead of one chain, and the forward checks them all (engine/draft_tree.py).
 
 Greedy: accept while draft == argmax. Sampling (temperature > 0): speculative sampling, accept draft x with
 probability min(1, p(x) / q(x)) where q is the draft distribution it was sampled from and p the AR model's, and on
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from ar2dlm.engine.draft_tree import DraftTree, grow_tree, layout, tree_visibility, walk
+from ar2dlm.engine.draft_tree import DraftTree, grow_tree, layout, sampled_walk, tree_visibility, walk
 from ar2dlm.engine.lookup import lookup_drafts
 from ar2dlm.engine.plan import Plan
 from ar2dlm.engine.sampling import Sampling, filtered_probs
@@ -186,7 +186,7 @@ class VerifyState:
         the mask block that assumed exactly the accepted drafts (a feature drafter: keep the parent `features` of
         the fed positions now committed); returns the committed length before and after."""
         if self._fed_tree is not None:
-            return self._apply_tree(plan, logits, features)
+            return self._apply_tree(plan, logits, features, sampling, generator)
         self.nfe += 1
         drafts, old = self._fed_drafts(), len(self.toks)
         q = self.draft_probs[:len(drafts)] if self.draft_probs is not None else None
@@ -211,15 +211,20 @@ class VerifyState:
             row += made
         return old, len(self.toks)
 
-    def _apply_tree(self, plan: Plan, logits: torch.Tensor, features: torch.Tensor | None) -> tuple[int, int]:
-        """The parent's greedy walk through the fed tree: its longest agreeing path and its token after it. The
-        cache stays valid up to where the path leaves the greedy chain (those drafts sit in their own slots)."""
+    def _apply_tree(self, plan: Plan, logits: torch.Tensor, features: torch.Tensor | None, sampling: Sampling,
+                    generator: torch.Generator | None) -> tuple[int, int]:
+        """The parent's walk through the fed tree (greedy: its longest agreeing path; sampled: speculative sampling
+        along it) and its token after the path. The cache stays valid up to where the path leaves the greedy chain
+        (those drafts sit in their own slots)."""
         self.nfe += 1
         (fed, parents), tree, old = self._fed_tree, self._tree, len(self.toks)
         tokens = [tree.tokens[node] for node in fed]
-        choices = logits[:len(fed) + 1].argmax(-1).tolist()
-        path = walk(tokens, parents, choices)
-        token = choices[path[-1] + 1 if path else 0]
+        if sampling.greedy:
+            choices = logits[:len(fed) + 1].argmax(-1).tolist()
+            path = walk(tokens, parents, choices)
+            token = choices[path[-1] + 1 if path else 0]
+        else:
+            path, token = sampled_walk(tokens, parents, logits, sampling, generator)
         self.offered_drafts += len(fed)
         self.accepted_drafts += len(path)
         if self.chooser is not None:  # a tree of D drafts priced as D drafts checked, at the tree's acceptance
@@ -260,8 +265,8 @@ class VerifyState:
     def set_drafts(self, draft_logits: torch.Tensor, policy: "VerifyPolicy", sampling: Sampling,
                    generator: torch.Generator | None) -> None:
         """The feature drafter's logits [D, V] after the last committed token become the next drafts: a tree of
-        `draft_len` drafts with `tree` in greedy decoding, else a chain."""
-        if self.tree and sampling.greedy:
+        `draft_len` drafts with `tree` (its likeliest, sampled decoding too), else a chain."""
+        if self.tree:
             self._tree = grow_tree(draft_logits, self.max_draft_len)  # the next forward checks its best draft_len
             self.drafts, self.draft_probs = self._tree.tokens, None
         else:
