@@ -126,19 +126,18 @@ class VerifyState:
         """Feed [uncached committed | drafts | mask blocks]; read the logits of every clean position from the last
         committed token on, and of the mask positions that draft a position before the length limit."""
         if self.looked_up:  # lookup drafts of a plan that never ran (a scheduler may plan a request and leave it
-            self.drafts, self.draft_probs, self.looked_up = [], None, False  # out of the forward): look again
+            self._take_drafts()  # out of the forward): look again
         lookup_len = self.draft_len if self.lookup else 0
         if self.chooser is not None:
             self.draft_len, lookup_len = self.chooser.choose()
             if self.draft_len == 0:  # a plain forward: no mask block, and the model's drafts are not checked
-                self.drafts, self.draft_probs, self._tree = [], None, None
+                self._take_drafts()
         # a feature drafter's drafts always exist: lookup drafts, where found, come first (its call was skipped)
         self._looked_for = lookup_len > 0 and (not self.drafts or bool(self.feature_window))
         if self._looked_for:
             found = lookup_drafts(self.toks, lookup_len)
             if found or not self.feature_window:
-                self.drafts, self.draft_probs, self.looked_up = found, None, bool(found)
-                self._tree = None
+                self._take_drafts(found, looked_up=bool(found))
         self._fed_tree = None
         if self._tree is not None:
             return self._tree_plan()
@@ -203,11 +202,11 @@ class VerifyState:
             self._keep_context(features, plan.fed_start, list(range(old - plan.fed_start + accepted)))
         self.toks += drafts[:accepted] + [token]
         self.cached = len(self.toks) - 1  # the new last token's K/V are not computed yet
-        self.drafts, self.draft_probs, self.looked_up, self._tree = [], None, False, None
+        self._take_drafts()
         row = len(drafts) + 1
         for a, made in self._fed_blocks:
             if a == accepted:
-                self.drafts, self.draft_probs = policy.draft(logits[row:row + made], sampling, generator)
+                self._take_drafts(*policy.draft(logits[row:row + made], sampling, generator))
             row += made
         return old, len(self.toks)
 
@@ -234,7 +233,8 @@ class VerifyState:
         self._keep_context(features, plan.fed_start, list(range(committed)) + [committed + j for j in path])
         self.toks += [tokens[j] for j in path] + [token]
         self.cached = old + on_chain
-        self.drafts, self.draft_probs, self.looked_up, self._tree, self._fed_tree = [], None, False, None, None
+        self._take_drafts()
+        self._fed_tree = None
         return old, len(self.toks)
 
     def _keep_context(self, features: torch.Tensor | None, fed_start: int, rows: list[int]) -> None:
@@ -267,13 +267,20 @@ class VerifyState:
         """The feature drafter's logits [D, V] after the last committed token become the next drafts: a tree of
         `draft_len` drafts with `tree` (its likeliest, sampled decoding too), else a chain."""
         if self.tree:
-            self._tree = grow_tree(draft_logits, self.max_draft_len)  # the next forward checks its best draft_len
-            self.drafts, self.draft_probs = self._tree.tokens, None
+            tree = grow_tree(draft_logits, self.max_draft_len)  # the next forward checks its best draft_len
+            self._take_drafts(tree.tokens, tree=tree)
         else:
-            self.drafts, self.draft_probs = policy.draft(draft_logits, sampling, generator)
+            self._take_drafts(*policy.draft(draft_logits, sampling, generator))
+
+    def _take_drafts(self, drafts: list[int] = (), probs: torch.Tensor | None = None, looked_up: bool = False,
+                     tree: DraftTree | None = None) -> None:
+        """The drafts the next forward checks (none by default): their tokens, the distributions they were sampled
+        from (None: greedy or looked up), whether prompt lookup found them, and the tree they form (None: a chain)."""
+        self.drafts, self.draft_probs, self.looked_up, self._tree = list(drafts), probs, looked_up, tree
 
     def release(self) -> None:
-        self.drafts, self.draft_probs, self.context, self._tree, self._fed_tree = [], None, None, None, None
+        self._take_drafts()
+        self.context, self._fed_tree = None, None
 
 
 def _every_length_visibility(owner: list[int], positions: list[int], seen_upto: list[int]) -> torch.Tensor:
