@@ -17,12 +17,6 @@ drafts are compared with the parent's continuation; the leading run of correct d
 would accept (`heldout_draft_acc_k`: draft k right and all before it; `heldout_draft_accepted`: the mean run; tokens
 per verify step = 1 + that).
 
-Soft targets (`--soft-targets w`): the parent's features at a draft's previous position include its last layer,
-which is what its LM head reads, so its whole next-token distribution there is known at the cost of the drafts' own
-head. The loss of a draft is then (1 - w) * cross-entropy on the answer token + w * cross-entropy against that
-distribution (over the draft vocabulary): besides the parent's choice, how close its runners-up were, which is more
-to learn from per answer token and what a tree of drafts ranks its branches by.
-
 The loop is the shared trainer's (accumulation, time budget, checkpoints, exact resume, metrics).
 """
 
@@ -49,20 +43,19 @@ HELDOUT_ANCHORS = 4096  # at most this many held-out anchors are scored (spread 
 
 
 class FeatureBatch:
-    """Anchors as the drafter consumes them: the features of the positions their windows and drafts cover (each
-    position once, [P, F]), each window's rows into them ([A, W], `valid` where the slot is a real position), anchor
-    ids [A], targets [A, D] (-1: not scored), the per-draft loss weights [D] and, per target, the row of the position
-    before it ([A, D]: where the parent's distribution for that token is read)."""
+    """Anchors as the drafter consumes them: the features of the positions their windows cover (each position once,
+    [P, F]), each window's rows into them ([A, W], `valid` where the slot is a real position), anchor ids [A],
+    targets [A, D] (-1: not scored) and the per-draft loss weights [D]."""
 
-    def __init__(self, features, index, valid, anchors, targets, weights, teacher):
+    def __init__(self, features, index, valid, anchors, targets, weights):
         self.features, self.index, self.valid = features, index, valid
-        self.anchors, self.targets, self.weights, self.teacher = anchors, targets, weights, teacher
+        self.anchors, self.targets, self.weights = anchors, targets, weights
 
     def to(self, device):
         return FeatureBatch(*(t.to(device) for t in self.args()))
 
     def args(self) -> tuple:
-        return self.features, self.index, self.valid, self.anchors, self.targets, self.weights, self.teacher
+        return self.features, self.index, self.valid, self.anchors, self.targets, self.weights
 
     @property
     def n_scored(self) -> int:
@@ -86,27 +79,26 @@ def anchor_positions(maskable: torch.Tensor) -> torch.Tensor:
 def make_batch(sequences, picks: list[tuple[int, torch.Tensor]], window: int, drafts: int,
                decay: float) -> FeatureBatch:
     """Anchors `picks` = [(example index, anchor positions)] of `sequences` [(ids, maskable, features)]."""
-    feats, index, valid, anchors, targets, teacher = [], [], [], [], [], []
+    feats, index, valid, anchors, targets = [], [], [], [], []
     offsets = torch.arange(-window, 0)
     steps = torch.arange(1, drafts + 1)
     base = 0
     for i, positions in picks:
         ids, maskable, features = sequences[i]
         n = ids.shape[0]
-        covered = min(n, int(positions.max()) + drafts)  # windows end before their anchor, drafts after it
+        covered = int(positions.max())  # windows end before their anchor
         feats.append(features[:covered])
         ctx = positions[:, None] + offsets[None, :]  # [A, W]
         valid.append(ctx >= 0)
         index.append(base + ctx.clamp(min=0))
-        at = (positions[:, None] + steps[None, :]).clamp(max=n - 1)  # [A, D]
-        teacher.append(base + (at - 1).clamp(max=covered - 1))
         base += covered
         anchors.append(ids[positions])
+        at = (positions[:, None] + steps[None, :]).clamp(max=n - 1)  # [A, D]
         scored = (positions[:, None] + steps[None, :] < n) & maskable[at]
         targets.append(torch.where(scored, ids[at], torch.full_like(at, -1)))
     weights = decay ** (steps - 1).float()
     return FeatureBatch(torch.cat(feats), torch.cat(index), torch.cat(valid), torch.cat(anchors), torch.cat(targets),
-                        weights, torch.cat(teacher))
+                        weights)
 
 
 class AnchorSampler:
@@ -154,34 +146,20 @@ class FeatureObjective(nn.Module):
 
     stat_names = ("loss", "masked_acc")
 
-    def __init__(self, dlm: FeatureDrafterLM, soft_targets: float = 0.0):
+    def __init__(self, dlm: FeatureDrafterLM):
         super().__init__()
-        self.dlm, self.soft_targets = dlm, soft_targets
+        self.dlm = dlm
 
-    def forward(self, features, index, valid, anchors, targets, weights, teacher):
+    def forward(self, features, index, valid, anchors, targets, weights):
         hidden = self.dlm.draft_hidden(features.float(), valid, anchors, targets.shape[1], index)
         scored = targets >= 0
         wanted = self.dlm.to_draft_vocab(targets[scored])  # -1: outside the draft vocabulary, never draftable
         scores = self.dlm.draft_scores(hidden[scored])
         inside = wanted >= 0
-        scores_in = scores[inside].float()
-        loss = F.cross_entropy(scores_in, wanted[inside], reduction="none")
-        if self.soft_targets:
-            loss = (1 - self.soft_targets) * loss + self.soft_targets * self._soft_loss(
-                scores_in, features, teacher[scored][inside])
+        loss = F.cross_entropy(scores[inside].float(), wanted[inside], reduction="none")
         w = weights[None, :].expand_as(targets)[scored][inside]
         correct = (scores.argmax(-1) == wanted).sum()
         return (loss * w).sum(), correct
-
-    def _soft_loss(self, scores: torch.Tensor, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the drafts' scores against the parent's next-token distribution at `rows` (from its last
-        layer's columns of the features: Hugging Face's last hidden state is already through the final norm)."""
-        hidden = self.dlm.hf_config.hidden_size
-        start = self.dlm.drafter_cfg.feature_layers.index(self.dlm.hf_config.num_hidden_layers) * hidden
-        with torch.no_grad():
-            last = features[rows, start:start + hidden].float()
-            parent = F.softmax(self.dlm.draft_scores(last).float(), dim=-1)
-        return -(parent * F.log_softmax(scores, dim=-1)).sum(-1)
 
 
 @torch.no_grad()
@@ -272,9 +250,6 @@ def train(cfg, info, device, prepare_examples) -> dict:
     parent = resolve_model_source(cfg.model)
     layers = parse_layers(cfg.feature_layers) or default_feature_layers(backbone.config.num_hidden_layers)
     FeatureDrafterConfig(layers, cfg.draft_layers, cfg.feature_window).check(backbone.config.num_hidden_layers)
-    if cfg.soft_targets and max(layers) != backbone.config.num_hidden_layers:
-        raise Ar2dlmError(f"--soft-targets reads the parent's distribution off its last layer "
-                          f"({backbone.config.num_hidden_layers}), which --feature-layers {layers} leaves out")
     examples = prepare_examples(cfg, backbone, tokenizer, info)  # (a parent may write them: after the checks)
     vocab = draft_vocabulary(examples, cfg.draft_vocab) if cfg.draft_vocab else None
     dlm = FeatureDrafterLM.from_base(backbone, tokenizer, cfg.block_size, base_model=parent,
@@ -292,7 +267,7 @@ def train(cfg, info, device, prepare_examples) -> dict:
     sequences = cache.load()
     train_idx, held_idx = split_heldout(list(range(len(sequences))), cfg.heldout, seed=cfg.seed)
     drafts = cfg.block_size - 1
-    objective = FeatureObjective(dlm, cfg.soft_targets)
+    objective = FeatureObjective(dlm)
     trainer = FeatureTrainer(cfg, info=info, device=device, objective=objective, model=objective, out=out,
                              desc="convert (feature drafter)", optimizer=build_optimizer(objective, cfg.lr,
                                                                                          cfg.weight_decay))

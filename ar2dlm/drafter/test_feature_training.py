@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ar2dlm.data.tokenize import Example
 from ar2dlm.drafter.feature import WEIGHTS_FILE
 from ar2dlm.drafter.feature_cache import FeatureCache, chunk_path
-from ar2dlm.drafter.feature_training import FeatureObjective, anchor_positions, draft_vocabulary, make_batch
+from ar2dlm.drafter.feature_training import anchor_positions, draft_vocabulary, make_batch
 from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.open import load_dlm
@@ -148,9 +148,6 @@ def test_anchors_and_targets_line_up():
     window = batch.features[batch.index][:, :, 0]  # the features of the two positions before each anchor
     assert window[0].tolist() == [1.0, 2.0] and window[-1].tolist() == [6.0, 7.0]
     assert batch.weights.tolist() == [1.0, 0.5, 0.25]
-    # the parent's distribution for the token at j + k is read at j + k - 1 (the anchor itself for the first draft)
-    before = batch.features[batch.teacher][:, :, 0]
-    assert before[0].tolist() == [3.0, 4.0, 5.0] and before[-1][0].tolist() == 8.0
 
 
 def test_draft_vocabulary_is_the_most_frequent_answer_tokens():
@@ -193,41 +190,5 @@ def test_bad_feature_settings_are_refused_before_any_data_is_written(setup, caps
     with pytest.raises(Ar2dlmError, match="outside the parent"):
         run(config(base, data, root, "bad-layers", feature_layers="9", feature_cache=str(root / "bad-cache")))
     assert not (root / "bad-cache").exists()
-    with pytest.raises(Ar2dlmError, match="--soft-targets reads the parent's distribution off its last layer"):
-        run(config(base, data, root, "bad-soft", feature_layers="1", soft_targets=0.5,
-                   feature_cache=str(root / "bad-cache")))
-    assert not (root / "bad-cache").exists()
     assert main(["convert", "--drafter-kind", "feature", "--block-size", "1", "--model", str(base)]) == 2
     assert "--block-size >= 2" in capsys.readouterr().err
-
-
-def test_soft_targets_are_the_parents_own_next_token_distribution(setup):
-    """The last layer's columns of the cached features, through the draft head, give the parent's own next-token
-    probabilities (its logits at those positions): what `--soft-targets` trains the drafts towards, whatever
-    order --feature-layers names the layers in."""
-    from ar2dlm.drafter.feature import FeatureDrafterLM
-    from ar2dlm.model.loading import load_base
-
-    base, _, _ = setup
-    parent, tok = load_base(str(base), dtype=torch.float32)
-    layers = parent.config.num_hidden_layers
-    dlm = FeatureDrafterLM.from_base(parent, tok, block_size=4, feature_layers=[layers, 1]).eval()
-    ids = torch.tensor([[5, 9, 13, 4, 22, 7, 31, 8]])
-    feats = dlm.features_of(ids)[0]
-    with torch.no_grad():
-        logits = dlm.backbone(ids).logits[0].float()
-    logits[:, dlm.config.mask_token_id] = float("-inf")  # never a next token (the drafter rules it out too)
-    want = torch.softmax(logits, -1)
-    maskable = torch.tensor([False] * 3 + [True] * 5)
-    batch = make_batch([(ids[0], maskable, feats)], [(0, anchor_positions(maskable))], window=2, drafts=3, decay=1.0)
-    objective = FeatureObjective(dlm, soft_targets=1.0)
-    rows = batch.teacher[batch.targets >= 0]
-    scores = torch.zeros(rows.numel(), want.shape[1], requires_grad=True)  # uniform drafts
-    loss = objective._soft_loss(scores, batch.features, rows)
-    # against uniform scores the soft cross-entropy is log(V) whatever the parent says; its gradient is
-    # uniform - parent, which is what says the parent's distribution (and which positions') was used
-    loss.sum().backward()
-    got = 1.0 / want.shape[1] - scores.grad
-    anchors = anchor_positions(maskable)
-    expected = torch.cat([want[a + k - 1][None] for a in anchors.tolist() for k in range(1, 4) if a + k < 8])
-    assert torch.allclose(got, expected, atol=1e-5)

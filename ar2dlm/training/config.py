@@ -112,9 +112,6 @@ class ConvertConfig(TrainConfig):
                                     "(its LM head shrinks to them); 0 = the whole vocabulary")
     position_decay: float = option(0.8, "feature drafter: loss weight of draft k is decay^(k-1) (early drafts "
                                         "count most)")
-    soft_targets: float = option(0.0, "feature drafter: weight of the parent's own next-token distribution (read off "
-                                      "its cached last-layer features) in the loss, the rest on the answer token; "
-                                      "needs the parent's last layer among --feature-layers")
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,7 +140,6 @@ class ConvertConfig(TrainConfig):
             (self.draft_layers >= 1 and self.feature_window >= 1 and self.anchors_per_sequence >= 1,
              "--draft-layers, --feature-window and --anchors-per-sequence must be >= 1"),
             (0 < self.position_decay <= 1, "--position-decay must be in (0, 1]"),
-            (0 <= self.soft_targets <= 1, "--soft-targets must be in [0, 1]"),
             (self.feature_layers is None or all(x.strip().isdigit() for x in str(self.feature_layers).split(",")),
              "--feature-layers must be comma-separated layer counts, e.g. 2,15,30"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0 (0: the whole vocabulary)"),
