@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar2dlm.errors import Ar2dlmError
-from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token
+from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token, load_parent
 
 WEIGHTS_FILE = "feature_drafter.safetensors"
 KIND = "feature"
@@ -342,8 +342,6 @@ def load_feature_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     """A saved feature drafter on top of a fresh copy of its parent, and the drafter's tokenizer."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
-
-    from ar2dlm.drafter.folder import load_parent
 
     path = Path(path)
     meta = read_feature_drafter_config(path)

@@ -33,14 +33,3 @@ def save_drafter_folder(dlm, path: str | os.PathLike, weights_file: str, state: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-
-def load_parent(meta: dict, dtype: torch.dtype, device):
-    """A fresh copy of the parent a drafter folder names (`dlm_config.json` as `meta`), with the mask-token row the
-    drafter was saved with."""
-    from ar2dlm.model.dlm import _mean_init_new_row
-    from ar2dlm.model.loading import load_base
-
-    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
-    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
-        _mean_init_new_row(backbone, meta["vocab_size"])
-    return backbone

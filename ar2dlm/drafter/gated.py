@@ -25,7 +25,7 @@ from torch import nn
 
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model import attention
-from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token
+from ar2dlm.model.dlm import DLM_CONFIG_FILE, BlockDiffusionLM, DLMConfig, add_mask_token, load_parent
 
 DRAFTER_WEIGHTS_FILE = "drafter.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -223,8 +223,6 @@ def copy_adapter_weights(model: GatedDrafterLM, path: str | os.PathLike) -> None
 def load_drafter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
     """A saved drafter on top of a fresh copy of its parent, and the drafter's tokenizer."""
     from transformers import AutoTokenizer
-
-    from ar2dlm.drafter.folder import load_parent
 
     path = Path(path)
     meta = read_drafter_config(path)

@@ -104,6 +104,17 @@ def _mean_init_new_row(backbone: nn.Module, new_vocab: int) -> int:
     return old_vocab
 
 
+def load_parent(meta: dict, dtype: torch.dtype, device) -> nn.Module:
+    """A fresh copy of the parent that a saved adapter or drafter names (its `dlm_config.json` as `meta`), with the
+    mask-token row it was saved with."""
+    from ar2dlm.model.loading import load_base
+
+    backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
+    if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
+        _mean_init_new_row(backbone, meta["vocab_size"])
+    return backbone
+
+
 def add_mask_token(backbone: nn.Module, tokenizer, mask_token: str | None = None) -> int:
     """Give the backbone a mask token and return its id.
 
@@ -336,13 +347,9 @@ class BlockDiffusionLM(nn.Module):
             from peft import PeftModel
             from safetensors.torch import load_file
 
-            from ar2dlm.model.loading import load_base
-
             meta = json.loads((path / DLM_CONFIG_FILE).read_text())
-            backbone, _ = load_base(meta["base_model"], dtype=dtype, device=device)
+            backbone = load_parent(meta, dtype, device)
             cfg = DLMConfig.from_dict(meta["dlm"])
-            if backbone.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
-                _mean_init_new_row(backbone, meta["vocab_size"])
             peft_model = PeftModel.from_pretrained(backbone, str(path))
             row = load_file(str(path / MASK_ROW_FILE))["mask_embedding"]
             if merge_lora:
