@@ -362,9 +362,9 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     turn) with `model`, and write the records with those answers instead of the data's at `cache_path` (reused when
     it exists). Training a drafter on them teaches it the wording the parent really produces at decoding time, not
     the dataset's. Answers that hit `max_new_tokens` are kept; degenerate ones are dropped and counted. Prompts are
-    answered in batches of similar length (less padding), and the records keep the data's order."""
-    from tqdm.auto import tqdm
-
+    answered in batches of similar length (less padding), and the records keep the data's order. Each finished
+    batch goes to `<cache_path>.partial` at once, so a run that is killed (hours of answers, for a large corpus)
+    resumes where it stopped; each batch's seed is fixed, so a resumed run writes what one run would have."""
     cache_path = Path(cache_path)
     have = count_records(cache_path)
     if have:
@@ -381,31 +381,88 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     settings = _Settings(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
                          answer_temperature=temperature, user_max_new_tokens=0, top_p=1.0, min_chars=1,
                          keep_unfinished=True)
+    job = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+           "batch_size": batch_size}
+    answers = _answer_in_batches(model, tokenizer, [render_chat(tokenizer, p) for p in prompts], stop_ids, job,
+                                 _partial_path(cache_path))
     tally, answered = _Tally(), {}
-    rendered = [render_chat(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc="parent answers", unit="batch"):
-            batch = order[start:start + batch_size]
-            answers = _sample(model, tokenizer, [rendered[i] for i in batch], stop_ids, max_new_tokens, temperature,
-                              1.0, seed + start)
-            tally.attempted += len(batch)
-            for i, (text, done) in zip(batch, answers):
-                reason = _rejection(text, done, settings)
-                if reason:
-                    tally.filtered[f"assistant_{reason}"] += 1
-                    continue
-                tally.unfinished += not done
-                answered[i] = {"messages": prompts[i] + [{"role": "assistant", "content": text.strip()}]}
-    finally:
-        model.train(was_training)
+    for i, text, done in answers:
+        tally.attempted += 1
+        reason = _rejection(text, done, settings)
+        if reason:
+            tally.filtered[f"assistant_{reason}"] += 1
+            continue
+        tally.unfinished += not done
+        answered[i] = {"messages": prompts[i] + [{"role": "assistant", "content": text.strip()}]}
     out = [answered[i] for i in sorted(answered)]
     if not out:
         raise Ar2dlmError(f"{source}: every answer of the parent was empty or degenerate ({dict(tally.filtered)})")
     _write_corpus(cache_path, out, model, _Start(True, "", stop_ids), settings, len(prompts), tally)
+    _partial_path(cache_path).unlink()
     return cache_path
+
+
+def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int], job: dict,
+                       partial: Path) -> list[list]:
+    """[prompt index, answer text, ended with a stop token] for every prompt, answered in batches of similar length
+    (each batch's seed fixed by its place), each finished batch appended to `partial` at once (a run killed and run
+    again answers only the batches not there)."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    size = job["batch_size"]
+    starts = range(0, len(order), size)
+    answers = _resume_answers(partial, job)
+    was_training = model.training
+    model.eval()
+    try:
+        with open(partial, "a", encoding="utf-8") as f, \
+                tqdm(total=len(starts), initial=len(answers), desc="parent answers", unit="batch") as bar:
+            for start in (s for s in starts if s not in answers):
+                batch = order[start:start + size]
+                texts = _sample(model, tokenizer, [rendered[i] for i in batch], stop_ids, job["max_new_tokens"],
+                                job["temperature"], 1.0, job["seed"] + start)
+                answers[start] = [[i, text, done] for i, (text, done) in zip(batch, texts)]
+                # one line a batch, flushed: a killed run keeps every batch it finished
+                f.write(json.dumps({"start": start, "answers": answers[start]}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update()
+    finally:
+        model.train(was_training)
+    return [a for start in starts for a in answers[start]]
+
+
+def _partial_path(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.name + ".partial")
+
+
+def _resume_answers(partial: Path, job: dict) -> dict[int, list]:
+    """The batches of parent answers an interrupted run of the same job wrote to `partial` ({batch start: [[prompt
+    index, text, ended], ...]}), and `partial` rewritten to hold just its job line and those batches (a line cut off
+    by the kill is dropped). Another job's file (other settings or batch size) is started again."""
+    answers = {}
+    lines = partial.read_text(encoding="utf-8").splitlines() if partial.is_file() else []
+    if lines and _json_or_none(lines[0]) == {"job": job}:
+        for line in lines[1:]:
+            entry = _json_or_none(line)
+            if not isinstance(entry, dict) or "start" not in entry:
+                break
+            answers[entry["start"]] = entry["answers"]
+        log.info("resuming the parent's answers: %d batches already written (%s)", len(answers), partial)
+    elif lines:
+        log.warning("%s was written for other settings; answering every prompt again", partial)
+    with atomic_write(partial) as f:
+        f.write(json.dumps({"job": job}) + "\n")
+        for start, batch in answers.items():
+            f.write(json.dumps({"start": start, "answers": batch}, ensure_ascii=False) + "\n")
+    return answers
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _prompt_turns(messages: list[dict]) -> list[dict]:

@@ -204,3 +204,52 @@ def test_parent_answers_are_written_in_similar_lengths_and_kept_in_order(tmp_pat
     assert batches == [["Hi?", "What is 2 + 2?"], [questions[0]]]
     assert [r["messages"][-1]["content"] for r in read_jsonl(path)] == ["answer 0", "answer 1", "answer 2"]
     assert [r["messages"][0]["content"] for r in read_jsonl(path)] == questions
+
+
+def test_parent_answers_resume_after_a_kill(tmp_path, tok, model, monkeypatch):
+    """Every finished batch is on disk at once: a run killed in its third batch (its partial line cut off too)
+    resumes with that batch, writes what an uninterrupted run writes, and leaves no partial file; a partial file
+    of other settings is answered again from the start."""
+    from ar2dlm.training.selfgen import write_parent_answers
+
+    questions = [f"Question number {k}?" for k in range(5)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in questions))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    asked = []
+
+    def generate(input_ids, attention_mask, **kw):
+        batch = [next(q for q in questions if q in tok.decode(row[m.bool()]))
+                 for row, m in zip(input_ids, attention_mask)]
+        asked.append(batch)
+        if kill_at is not None and len(asked) == kill_at:
+            raise KeyboardInterrupt
+        replies = [tok(f"answer {questions.index(q)}", add_special_tokens=False).input_ids for q in batch]
+        width = max(len(r) for r in replies) + 1
+        return torch.cat([input_ids, torch.tensor([r + [end] * (width - len(r)) for r in replies])], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    kill_at = None
+    whole = write_parent_answers(model, tok, str(data), tmp_path / "whole.jsonl", None, 8, 0.0, 0, batch_size=2)
+    assert len(asked) == 3
+
+    path, asked[:] = tmp_path / "a.jsonl", []
+    kill_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        write_parent_answers(model, tok, str(data), path, None, 8, 0.0, 0, batch_size=2)
+    partial = tmp_path / "a.jsonl.partial"
+    assert not path.exists() and len(partial.read_text().splitlines()) == 3  # the job line and two batches
+    with open(partial, "a") as f:
+        f.write('{"start": 4, "answers": [[4, "cut o')  # a line the kill cut off
+    asked[:], kill_at = [], None
+    assert write_parent_answers(model, tok, str(data), path, None, 8, 0.0, 0, batch_size=2) == path
+    assert len(asked) == 1  # only the batch that was never finished
+    assert read_jsonl(path) == read_jsonl(whole) and not partial.exists()
+    assert json.loads(metadata_path(path).read_text())["n_samples"] == 5
+
+    other = tmp_path / "b.jsonl"
+    (tmp_path / "b.jsonl.partial").write_text(json.dumps({"job": {"batch_size": 4}}) + "\n"
+                                              + json.dumps({"start": 0, "answers": [[0, "stale", True]]}) + "\n")
+    asked[:] = []
+    write_parent_answers(model, tok, str(data), other, None, 8, 0.0, 0, batch_size=2)
+    assert len(asked) == 3 and read_jsonl(other) == read_jsonl(whole)
