@@ -22,6 +22,7 @@ import torch
 
 from ar2dlm.engine import DecodeParams, Engine
 from ar2dlm.errors import Ar2dlmError
+from ar2dlm.utils.files import appended_records
 
 
 class ParentLM(torch.nn.Module):
@@ -50,11 +51,10 @@ class PartialStore:
         if path.is_file():
             text = path.read_text("utf-8", errors="replace")
             self._torn = bool(text) and not text.endswith("\n")  # start the next record on a line of its own
-            for line in text.splitlines():
+            for rec in appended_records(text):
                 try:
-                    rec = json.loads(line)
                     self.records[(rec["point"], rec["id"], rec["prompt_sha"])] = rec
-                except (ValueError, KeyError, TypeError):
+                except (KeyError, TypeError):
                     continue
 
     def get(self, point: str, sample_id: str, prompt: str):

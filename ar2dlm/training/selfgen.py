@@ -28,7 +28,7 @@ import torch
 from ar2dlm.data.tokenize import DataConfig, has_chat_template, read_records, render_chat, special_strings
 from ar2dlm.errors import Ar2dlmError
 from ar2dlm.model.loading import cache_dir, resolve_model_source
-from ar2dlm.utils.files import atomic_write, write_json
+from ar2dlm.utils.files import appended_records, atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -381,10 +381,9 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     settings = _Settings(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
                          answer_temperature=temperature, user_max_new_tokens=0, top_p=1.0, min_chars=1,
                          keep_unfinished=True)
-    job = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-           "batch_size": batch_size}
-    answers = _answer_in_batches(model, tokenizer, [render_chat(tokenizer, p) for p in prompts], stop_ids, job,
-                                 _partial_path(cache_path))
+    partial = cache_path.with_name(cache_path.name + ".partial")
+    answers = _answer_in_batches(model, tokenizer, [render_chat(tokenizer, p) for p in prompts], stop_ids, settings,
+                                 partial)
     tally, answered = _Tally(), {}
     for i, text, done in answers:
         tally.attempted += 1
@@ -398,11 +397,11 @@ def write_parent_answers(model, tokenizer, source: str, cache_path: str | Path, 
     if not out:
         raise Ar2dlmError(f"{source}: every answer of the parent was empty or degenerate ({dict(tally.filtered)})")
     _write_corpus(cache_path, out, model, _Start(True, "", stop_ids), settings, len(prompts), tally)
-    _partial_path(cache_path).unlink()
+    partial.unlink()
     return cache_path
 
 
-def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int], job: dict,
+def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int], settings: _Settings,
                        partial: Path) -> list[list]:
     """[prompt index, answer text, ended with a stop token] for every prompt, answered in batches of similar length
     (each batch's seed fixed by its place), each finished batch appended to `partial` at once (a run killed and run
@@ -410,9 +409,9 @@ def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int
     from tqdm.auto import tqdm
 
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
-    size = job["batch_size"]
+    size = settings.batch_size
     starts = range(0, len(order), size)
-    answers = _resume_answers(partial, job)
+    answers = _resume_answers(partial, {"prompts": len(rendered), **asdict(settings)})
     was_training = model.training
     model.eval()
     try:
@@ -420,8 +419,8 @@ def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int
                 tqdm(total=len(starts), initial=len(answers), desc="parent answers", unit="batch") as bar:
             for start in (s for s in starts if s not in answers):
                 batch = order[start:start + size]
-                texts = _sample(model, tokenizer, [rendered[i] for i in batch], stop_ids, job["max_new_tokens"],
-                                job["temperature"], 1.0, job["seed"] + start)
+                texts = _sample(model, tokenizer, [rendered[i] for i in batch], stop_ids, settings.max_new_tokens,
+                                settings.temperature, settings.top_p, settings.seed + start)
                 answers[start] = [[i, text, done] for i, (text, done) in zip(batch, texts)]
                 # one line a batch, flushed: a killed run keeps every batch it finished
                 f.write(json.dumps({"start": start, "answers": answers[start]}, ensure_ascii=False) + "\n")
@@ -432,37 +431,22 @@ def _answer_in_batches(model, tokenizer, rendered: list[str], stop_ids: list[int
     return [a for start in starts for a in answers[start]]
 
 
-def _partial_path(cache_path: Path) -> Path:
-    return cache_path.with_name(cache_path.name + ".partial")
-
-
 def _resume_answers(partial: Path, job: dict) -> dict[int, list]:
     """The batches of parent answers an interrupted run of the same job wrote to `partial` ({batch start: [[prompt
     index, text, ended], ...]}), and `partial` rewritten to hold just its job line and those batches (a line cut off
     by the kill is dropped). Another job's file (other settings or batch size) is started again."""
     answers = {}
-    lines = partial.read_text(encoding="utf-8").splitlines() if partial.is_file() else []
-    if lines and _json_or_none(lines[0]) == {"job": job}:
-        for line in lines[1:]:
-            entry = _json_or_none(line)
-            if not isinstance(entry, dict) or "start" not in entry:
-                break
-            answers[entry["start"]] = entry["answers"]
+    entries = appended_records(partial.read_text(encoding="utf-8")) if partial.is_file() else []
+    if entries and entries[0] == {"job": job}:
+        answers = {e["start"]: e["answers"] for e in entries[1:] if isinstance(e, dict) and "start" in e}
         log.info("resuming the parent's answers: %d batches already written (%s)", len(answers), partial)
-    elif lines:
+    elif entries:
         log.warning("%s was written for other settings; answering every prompt again", partial)
     with atomic_write(partial) as f:
         f.write(json.dumps({"job": job}) + "\n")
         for start, batch in answers.items():
             f.write(json.dumps({"start": start, "answers": batch}, ensure_ascii=False) + "\n")
     return answers
-
-
-def _json_or_none(line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
 
 
 def _prompt_turns(messages: list[dict]) -> list[dict]:

@@ -77,6 +77,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
+def appended_records(text: str) -> list:
+    """The JSON values of a file that a run appends to a line at a time (a partial file of finished work); a line
+    that is not JSON, the last one cut off by a kill mid-write, is left out."""
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temp folder beside `path`; on success it replaces `path` (old contents removed), on error it goes."""
